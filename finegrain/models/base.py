@@ -1,0 +1,109 @@
+"""The interface every finegrain model implements, and the one training hook the trainer calls.
+
+A model takes float clips ``(B, 3, T, H, W)`` (normalised on the training device) and returns a
+:class:`ModelOutput`. ``model.loss(output, labels)`` is the method's full training loss (main
+cross-entropy plus its auxiliary terms). Everything else a method needs from the trainer goes
+through :class:`FineGrainModel`'s small hook, used the same way for every method:
+
+- ``training_stages()``: the stages of the training procedure (U2S has three; the others one).
+  At the start of stage ``k`` the trainer calls ``begin_stage(k, train_batches)``, builds a fresh
+  optimizer over :func:`trainable_parameters` at ``lr * stage.lr_scale`` and (re-)wraps DDP.
+- ``extra_batches``: how many further disjoint training batches one iteration consumes (DSTS's
+  UDL needs one: D_val). When non-zero, the trainer calls ``meta_step(batch, extras, reduce)``
+  before the normal step; ``reduce`` all-reduces (averages) a list of gradient tensors across
+  DDP ranks, so a hook that updates parameters itself keeps the ranks identical.
+- ``hook_state_dict()`` / ``load_hook_state_dict()``: state the hook owns that is not in the
+  module's ``state_dict`` (e.g. DSTS's upstream optimizer), saved with every checkpoint.
+
+The trainer stays generic: it never checks which method it is training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Tensor, Tensor]  # (clips (B, 3, T, H, W) float, labels (B,) int64)
+GradReducer = Callable[[Sequence[Tensor]], None]
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    logits: ``(B, K)`` scores used for prediction (for U2S the log of the fused probabilities).
+    aux_losses: named auxiliary loss terms already weighted as the paper weights them; empty for
+        the baseline. ``model.loss`` adds them to the main term.
+    diagnostics: cheap, detached tensors for logging (selection counts, masks, attention maps).
+    extras: method-specific tensors ``loss`` needs (e.g. DFB's four logits); not for logging.
+    """
+
+    logits: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One stage of a method's training procedure.
+
+    epochs: this stage's share of the run's epochs (shares are normalised by the trainer).
+    lr_scale: multiplies the configured learning rate during the stage.
+    frozen: parameter-name prefixes not trained in this stage (``requires_grad`` off).
+    """
+
+    name: str
+    epochs: float = 1.0
+    lr_scale: float = 1.0
+    frozen: tuple[str, ...] = ()
+
+
+class FineGrainModel(nn.Module):
+    """Base class: the default hook is plain supervised training with cross-entropy."""
+
+    extra_batches: int = 0
+
+    def loss(self, output: ModelOutput, labels: Tensor) -> Tensor:
+        main = nn.functional.cross_entropy(output.logits, labels)
+        return main + sum(output.aux_losses.values(), torch.zeros((), device=main.device))
+
+    # --- training hook -------------------------------------------------------------------
+    def training_stages(self) -> list[TrainingStage]:
+        return [TrainingStage("train")]
+
+    def begin_stage(self, index: int, train_batches: Callable[[], Iterable[Batch]]) -> None:
+        """Called by the trainer when stage ``index`` starts (also when resuming into it).
+
+        ``train_batches()`` returns a fresh iterable over the training set (this rank's shard),
+        for work that must see the data between stages (U2S's category similarity matrix).
+        """
+
+    def hook_parameters(self) -> list[nn.Parameter]:
+        """Parameters the hook updates itself (``meta_step``); the main optimizer skips them."""
+        return []
+
+    def meta_step(self, batch: Batch, extras: Sequence[Batch], reduce: GradReducer) -> dict:
+        """Runs before the normal step when ``extra_batches > 0``; returns scalars to log."""
+        return {}
+
+    def hook_state_dict(self) -> dict:
+        return {}
+
+    def load_hook_state_dict(self, state: dict) -> None:
+        pass
+
+
+def trainable_parameters(model: FineGrainModel, stage: TrainingStage) -> list[nn.Parameter]:
+    """Apply ``stage.frozen`` (requires_grad) and return what the main optimizer should train."""
+    hook = {id(p) for p in model.hook_parameters()}
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(stage.frozen) if stage.frozen else True)
+        if p.requires_grad and id(p) not in hook:
+            params.append(p)
+    return params

@@ -1,0 +1,1 @@
+"""Config, Ray Train loop, metrics, MLflow tracking and Ray Tune search."""
