@@ -7,8 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from finegrain.datasets.encode import write_mp4
+
+# Tests assert behaviour, not speed: one intra-op thread keeps them from fighting over the cores
+# (test processes, Ray workers and decode actors all run at once on a 2-core machine).
+torch.set_num_threads(1)
 
 
 def moving_square(num_frames: int = 16, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ cross-entropy plus its auxiliary terms). Everything else a method needs from the
 through :class:`FineGrainModel`'s small hook, used the same way for every method:
 
 - ``training_stages()``: the stages of the training procedure (U2S has three; the others one).
-  At the start of stage ``k`` the trainer calls ``begin_stage(k, train_batches)``, builds a fresh
+  At the start of stage ``k`` the trainer calls ``begin_stage(k, train_batches, reduce)``, builds a fresh
   optimizer over :func:`trainable_parameters` at ``lr * stage.lr_scale`` and (re-)wraps DDP.
 - ``extra_batches``: how many further disjoint training batches one iteration consumes (DSTS's
   UDL needs one: D_val). When non-zero, the trainer calls ``meta_step(batch, extras, reduce)``
@@ -76,11 +76,15 @@ class FineGrainModel(nn.Module):
     def training_stages(self) -> list[TrainingStage]:
         return [TrainingStage("train")]
 
-    def begin_stage(self, index: int, train_batches: Callable[[], Iterable[Batch]]) -> None:
+    def begin_stage(
+        self, index: int, train_batches: Callable[[], Iterable[Batch]], reduce: GradReducer
+    ) -> None:
         """Called by the trainer when stage ``index`` starts (also when resuming into it).
 
         ``train_batches()`` returns a fresh iterable over the training set (this rank's shard),
-        for work that must see the data between stages (U2S's category similarity matrix).
+        for work that must see the data between stages (U2S's category similarity matrix);
+        ``reduce`` averages tensors in place across ranks (averaging both a sum and its count
+        keeps their ratio), so every rank installs the same statistics.
         """
 
     def hook_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,430 @@
+"""DSTS: Dynamic Spatio-Temporal Specialization (Li et al., ECCV 2022), as METHODS.md specifies.
+
+backbone → X ``(B, C, T, H, W)`` → L DSTS layers of N specialized neurons → X + Z'_L (skip) → GAP →
+dropout → linear. Neuron i of a layer owns a scoring kernel m_i (1×1×1 conv C→C, no bias), gate
+logits g_i ∈ R^C, a spatial op S_i (1×3×3) and a temporal op T_i (3×1×1), each followed by
+BN+ReLU, and a 1×1×1 fuse conv.
+
+- Impulses (Eqs. 1–2): v_i = Σ m_i(X) over channels and positions = (column-summed m_i) · (X summed
+  over positions), so a layer's N impulses are one matmul; ``impulse="mean"`` divides by C·T·H·W.
+- Synapse (Eq. 3): training ``gumbel_softmax(V, tau, hard=True)`` (straight-through) and the layer
+  output is Σ_i y_i Z'_i, so every neuron runs on the whole batch; evaluation takes argmax V with
+  no noise and runs each sample through its selected neuron only (the batch grouped by neuron).
+- Gates (Improved Semhash): b = 1 routes a channel to T_i, b = 0 to S_i (Eqs. 4–8). In
+  evaluation b is fixed per neuron, so S_i and T_i run only on their own input channels.
+- UDL (Eqs. 9–11) through the trainer hook (:mod:`finegrain.models.base`): ``meta_step`` does steps
+  1–2 on detached backbone features, the trainer's normal step is step 3.
+
+Ablations (paper Tables 3–7): ``sts`` gates | fixed_halves (first C//2 channels spatial, the rest
+temporal; no gates) | conv3d (one 3×3×3 conv + BN + ReLU per neuron, then the fuse; no gates);
+``synapse`` gumbel | average_all (every neuron on every sample, outputs averaged; no scoring
+kernels, so nothing is left unused); ``impulse``; ``udl``; ``neurons``; ``layers``.
+
+Usage notes:
+- T >= 4 in the backbone's last stage (checked): ResNet-family backbones divide T by 8, so build
+  them with ``keep_time=True``, e.g. ``build_model("dsts", K, "r2plus1d_18", keep_time=True)``
+  with 8-frame clips gives T = 4 (``bench/model_cost.py`` does this).
+- With ``impulse="sum"`` (the paper's Eq. 2) impulses are sums over C·T·H·W elements and differ by
+  10^3–10^4 between neurons at initialisation, so the Gumbel softmax is one-hot to float
+  precision: the noise never changes the choice and the scoring kernels get ~0 gradient, from
+  the main loss and from UDL alike. ``impulse="mean"`` keeps them O(1).
+- BatchNorm: in training every neuron normalises over the whole batch (all neurons run on all
+  samples), in evaluation its running statistics are applied to the samples that selected it.
+- Cost: training runs all N neurons (N× the head of N=1); evaluation runs one per sample. The UDL
+  meta step costs two no-grad backbone forwards plus ~10 head forwards (step 1's backward keeps
+  its graph; step 2 back-propagates through it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from finegrain.models.backbones import Backbone
+from finegrain.models.base import Batch, FineGrainModel, GradReducer, ModelOutput
+from finegrain.models.onepass import ClassifierHead
+
+STS = ("gates", "fixed_halves", "conv3d")
+SYNAPSES = ("gumbel", "average_all")
+IMPULSES = ("sum", "mean")
+UPSTREAM = ("scoring", "gates")  # parameter names of u (METHODS.md); everything else is d
+MIN_TIME = 4
+
+
+def saturating_sigmoid(x: Tensor) -> Tensor:
+    """satsig(x) = clamp(1.2·sigmoid(x) − 0.1, 0, 1) (Kaiser & Bengio 2018)."""
+    return torch.clamp(1.2 * torch.sigmoid(x) - 0.1, 0.0, 1.0)
+
+
+def improved_semhash(g: Tensor, batch: int, training: bool) -> Tensor:
+    """Binary channel routing b from gate logits ``g`` (C,).
+
+    Training: x = g + n, n ~ N(0, 1) per sample; per sample with probability 0.5 the
+    straight-through hard bit 1[x > 0] (gradient of satsig), else satsig(x): ``(batch, C)``.
+    Evaluation: 1[g > 0], no noise: ``(C,)``.
+    """
+    if not training:
+        return (g > 0).to(g.dtype)
+    x = g + torch.randn(batch, g.shape[0], dtype=g.dtype, device=g.device)
+    soft = saturating_sigmoid(x)
+    hard = (x > 0).to(x.dtype) + (soft - soft.detach())  # exactly binary, gradient of soft
+    use_hard = torch.rand(batch, 1, device=g.device) < 0.5
+    return torch.where(use_hard, hard, soft)
+
+
+def _conv_on(conv: nn.Conv3d, x: Tensor, idx: Tensor) -> Tensor:
+    """``conv`` on ``x`` with all input channels but ``idx`` zeroed, computing only ``idx``.
+
+    A shape-preserving conv of a channel-masked input equals the conv restricted to the kept
+    input channels; evaluation uses this so S_i and T_i each cost only their share of channels.
+    """
+    if idx.numel() == x.shape[1]:
+        return conv(x)
+    if idx.numel() == 0:
+        return x.new_zeros(x.shape[0], conv.out_channels, *x.shape[2:])
+    weight = conv.weight.index_select(1, idx)
+    return F.conv3d(x.index_select(1, idx), weight, conv.bias, conv.stride, conv.padding)
+
+
+class SpecializedNeuron(nn.Module):
+    """The downstream part of neuron i: Z' = fuse(ReLU(BN(S(X_S))) + ReLU(BN(T(X_T)))) (Eqs. 4–8).
+
+    With ``sts="conv3d"``: Z' = fuse(ReLU(BN(conv3×3×3(X)))).
+    """
+
+    def __init__(self, channels: int, sts: str) -> None:
+        super().__init__()
+        c = channels
+        if sts == "conv3d":
+            self.conv3d = nn.Conv3d(c, c, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm3d(c)
+        else:
+            self.spatial = nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1), bias=False)
+            self.bn_s = nn.BatchNorm3d(c)
+            self.temporal = nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0), bias=False)
+            self.bn_t = nn.BatchNorm3d(c)
+        self.fuse = nn.Conv3d(c, c, 1)
+
+    def forward(self, x: Tensor, b: Tensor | None) -> Tensor:
+        """``b``: routing, ``(C,)`` binary (all samples) or ``(B, C)`` per sample; None: conv3d."""
+        if b is None:
+            return self.fuse(F.relu(self.bn(self.conv3d(x))))
+        if b.dim() == 1:  # one binary routing for all samples: run each op on its channels only
+            z_s = _conv_on(self.spatial, x, (b == 0).nonzero().squeeze(1))
+            z_t = _conv_on(self.temporal, x, b.nonzero().squeeze(1))
+        else:
+            b = b[:, :, None, None, None]
+            z_s, z_t = self.spatial((1 - b) * x), self.temporal(b * x)
+        return self.fuse(F.relu(self.bn_s(z_s)) + F.relu(self.bn_t(z_t)))
+
+
+class DSTSLayer(nn.Module):
+    """One DSTS layer: N specialized neurons and their upstream parameters.
+
+    ``scoring`` stacks the kernels m_1..m_N, ``(N, C_out, C_in)``; ``gates`` the g_i, ``(N, C)``.
+    """
+
+    def __init__(
+        self, channels: int, neurons: int, sts: str, synapse: str, impulse: str, tau: float
+    ) -> None:
+        super().__init__()
+        self.impulse, self.tau = impulse, tau
+        self.neurons = nn.ModuleList(SpecializedNeuron(channels, sts) for _ in range(neurons))
+        self.scoring = self.gates = None
+        if synapse == "gumbel":
+            self.scoring = nn.Parameter(torch.empty(neurons, channels, channels))
+            for m in self.scoring.data:  # as a 1×1×1 Conv3d's default init
+                nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+        if sts == "gates":
+            # Decision (paper silent): logits near 0, i.e. every channel starts undecided
+            # (p = 0.5 under the training noise); tiny random signs give a mixed eval routing.
+            self.gates = nn.Parameter(0.01 * torch.randn(neurons, channels))
+        if sts == "fixed_halves":  # b: first C//2 channels spatial, the rest temporal
+            halves = (torch.arange(channels) >= channels // 2).float()
+            self.register_buffer("halves", halves, persistent=False)
+        self.sts = sts
+
+    def impulses(self, x: Tensor) -> Tensor:
+        """V ``(B, N)``: v_i = Σ_{c,t,h,w} m_i(X) (Eqs. 1–2) = (Σ_pos X)·(Σ_out m_i), one matmul."""
+        v = x.sum(dim=(2, 3, 4)) @ self.scoring.sum(dim=1).T
+        return v / x[0].numel() if self.impulse == "mean" else v
+
+    def routing(self, i: int, batch: int) -> Tensor | None:
+        """b of neuron i: ``(batch, C)`` sampled (training, gates) or ``(C,)``; None for conv3d."""
+        if self.sts == "gates":
+            return improved_semhash(self.gates[i], batch, self.training)
+        return self.halves if self.sts == "fixed_halves" else None
+
+    def temporal_share(self) -> Tensor | None:
+        """Per neuron, the share of channels routed to the temporal op (evaluation routing)."""
+        if self.sts == "gates":
+            return (self.gates.detach() > 0).float().mean(dim=1)
+        if self.sts == "fixed_halves":
+            return self.halves.mean().expand(len(self.neurons))
+        return None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Z' of the layer and each sample's selected neuron ``(B,)`` (None for average_all)."""
+        batch = x.shape[0]
+        if self.scoring is None:  # synapse="average_all": every neuron, outputs averaged
+            z = sum(nrn(x, self.routing(i, batch)) for i, nrn in enumerate(self.neurons))
+            return z / len(self.neurons), None
+        v = self.impulses(x)
+        if self.training:
+            y = F.gumbel_softmax(v, tau=self.tau, hard=True)
+            z = sum(
+                y[:, i, None, None, None, None] * nrn(x, self.routing(i, batch))
+                for i, nrn in enumerate(self.neurons)
+            )
+            return z, y.detach().argmax(dim=1)
+        selected = v.argmax(dim=1)
+        groups = selected.unique()
+        if len(groups) == 1:
+            i = int(groups[0])
+            return self.neurons[i](x, self.routing(i, batch)), selected
+        z = None
+        for i in groups.tolist():
+            idx = (selected == i).nonzero().squeeze(1)
+            out = self.neurons[i](x[idx], self.routing(i, len(idx)))
+            z = x.new_empty(batch, *out.shape[1:]) if z is None else z
+            z[idx] = out
+        return z, selected
+
+
+class DSTSHead(nn.Module):
+    """L DSTS layers → X + Z'_L (skip connection) → GAP → dropout → linear."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        *,
+        neurons: int,
+        layers: int,
+        sts: str,
+        synapse: str,
+        impulse: str,
+        tau: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DSTSLayer(channels, neurons, sts, synapse, impulse, tau) for _ in range(layers)
+        )
+        self.classifier = ClassifierHead(channels, num_classes, dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        z, selected = x, []
+        for layer in self.layers:
+            z, a = layer(z)
+            selected.append(a)
+        return self.classifier(x + z), selected
+
+
+class DSTS(FineGrainModel):
+    """Backbone + :class:`DSTSHead`; with ``udl`` the trainer hook runs UDL's steps 1–2.
+
+    Upstream parameters u: every layer's ``scoring`` and ``gates``; downstream d: the rest of the
+    head (neurons' S, T, BN, fuse and the classifier). The backbone is trained in step 3 only.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        udl: bool,
+        udl_inner_lr: float,
+        udl_outer_lr: float,
+        **head_options,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = DSTSHead(backbone.out_channels, num_classes, **head_options)
+        self.udl, self.udl_inner_lr, self.udl_outer_lr = udl, udl_inner_lr, udl_outer_lr
+        self.extra_batches = 1 if udl else 0
+        self._upstream_optimizer: torch.optim.Optimizer | None = None
+
+    def features(self, clips: Tensor) -> Tensor:
+        """The backbone's last stage X; DSTS's temporal operator needs T >= 4 (METHODS.md)."""
+        return self._check_time(self.backbone(clips)[-1], clips)
+
+    def _check_time(self, x: Tensor, clips: Tensor) -> Tensor:
+        if x.shape[2] < MIN_TIME:
+            raise ValueError(
+                f"DSTS needs T >= {MIN_TIME} time steps in the backbone features, got T="
+                f"{x.shape[2]} from {clips.shape[2]}-frame clips on {self.backbone.name!r}; "
+                "feed more frames or build the backbone with keep_time=True (ResNet family)"
+            )
+        return x
+
+    def forward(self, clips: Tensor) -> ModelOutput:
+        logits, selected = self.head(self.features(clips))
+        return ModelOutput(logits=logits, diagnostics=self._diagnostics(selected))
+
+    def _diagnostics(self, selected: list[Tensor | None]) -> dict[str, Tensor]:
+        diag = {}
+        for j, (layer, a) in enumerate(zip(self.head.layers, selected)):
+            if a is not None:
+                diag[f"dsts/layer{j}/selected"] = torch.bincount(a, minlength=len(layer.neurons))
+            share = layer.temporal_share()
+            if share is not None:
+                diag[f"dsts/layer{j}/temporal_share"] = share
+        return diag
+
+    # --- Upstream-Downstream Learning ----------------------------------------------------------
+    def upstream_parameters(self) -> dict[str, nn.Parameter]:
+        """u, keyed by name in ``self.head``."""
+        return {n: p for n, p in self.head.named_parameters() if n.rsplit(".", 1)[-1] in UPSTREAM}
+
+    def hook_parameters(self) -> list[nn.Parameter]:
+        return list(self.upstream_parameters().values()) if self.udl else []
+
+    def _stateless(self, module: nn.Module, params: dict[str, Tensor], x: Tensor):
+        """``module(x)`` with ``params`` swapped in and BatchNorm's running statistics untouched.
+
+        Decision: the simulated passes are training passes, so BN normalises with batch
+        statistics, but they must not move the running statistics (only step 3 does): each call
+        gets its own copy of the buffers.
+        """
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        return functional_call(module, {**params, **buffers}, (x,))
+
+    def udl_gradients(
+        self, x: Tensor, labels: Tensor, val_x: Tensor, val_labels: Tensor
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """∇_u ℓ(û, d̂; D_val) (Eq. 10) on backbone features X of D_train and D_val.
+
+        Step 1 (Eq. 9): d̂ = d − α ∇_d ℓ(u, d; D_train), keeping the graph so d̂ depends on u.
+        Step 2: û is u detached, so the gradient reaches u only through d̂ (second order).
+        Returns the gradients (in ``upstream_parameters()`` order) and the two losses.
+        """
+        u = self.upstream_parameters()
+        d = {n: p for n, p in self.head.named_parameters() if n not in u}
+        logits, _ = self._stateless(self.head, {**u, **d}, x)
+        loss = self.loss(ModelOutput(logits=logits), labels)
+        grads = torch.autograd.grad(loss, list(d.values()), create_graph=True, allow_unused=True)
+        d_hat = {
+            n: p if g is None else p - self.udl_inner_lr * g for (n, p), g in zip(d.items(), grads)
+        }
+        u_hat = {n: p.detach() for n, p in u.items()}
+        val_logits, _ = self._stateless(self.head, {**u_hat, **d_hat}, val_x)
+        val_loss = self.loss(ModelOutput(logits=val_logits), val_labels)
+        grads_u = torch.autograd.grad(val_loss, list(u.values()), allow_unused=True)
+        # contiguous: the scoring kernels' gradient comes out of a sum as an expanded view, which
+        # in-place all-reduce (gloo) rejects
+        grads_u = [
+            torch.zeros_like(p) if g is None else g.contiguous()
+            for p, g in zip(u.values(), grads_u)
+        ]
+        return grads_u, loss.detach(), val_loss.detach()
+
+    def upstream_optimizer(self) -> torch.optim.Optimizer:
+        """u's own optimizer (Eq. 10: plain gradient descent at ``udl_outer_lr``), made lazily."""
+        if self._upstream_optimizer is None:
+            params = list(self.upstream_parameters().values())
+            self._upstream_optimizer = torch.optim.SGD(params, lr=self.udl_outer_lr)
+        return self._upstream_optimizer
+
+    def meta_step(self, batch: Batch, extras: Sequence[Batch], reduce: GradReducer) -> dict:
+        """UDL steps 1–2 on ``batch`` (D_train) and ``extras[0]`` (D_val); updates u only.
+
+        Backbone features are computed once under no_grad (running statistics untouched), so
+        the meta step costs two backbone forwards and head passes.
+        """
+        if not self.udl:
+            return {}
+        (clips, labels), (val_clips, val_labels) = batch, extras[0]
+        with torch.no_grad():
+            x = self._check_time(self._stateless(self.backbone, {}, clips)[-1], clips)
+            val_x = self._check_time(self._stateless(self.backbone, {}, val_clips)[-1], val_clips)
+        grads, loss, val_loss = self.udl_gradients(x, labels, val_x, val_labels)
+        reduce(grads)
+        optimizer = self.upstream_optimizer()
+        for p, g in zip(self.upstream_parameters().values(), grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        return {
+            "udl/train_loss": loss.item(),
+            "udl/val_loss": val_loss.item(),
+            "udl/grad_norm": norm.item(),
+        }
+
+    def hook_state_dict(self) -> dict:
+        if self._upstream_optimizer is None:
+            return {}
+        return {"upstream_optimizer": self._upstream_optimizer.state_dict()}
+
+    def load_hook_state_dict(self, state: dict) -> None:
+        if "upstream_optimizer" in state:
+            self.upstream_optimizer().load_state_dict(state["upstream_optimizer"])
+
+
+def _choice(field: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def build(
+    num_classes: int,
+    backbone: Backbone,
+    *,
+    neurons: int = 10,
+    layers: int = 3,
+    sts: str = "gates",
+    synapse: str = "gumbel",
+    impulse: str = "sum",
+    udl: bool = True,
+    tau: float = 1.0,
+    udl_inner_lr: float = 0.01,
+    udl_outer_lr: float = 0.01,
+    dropout: float = 0.5,
+) -> DSTS:
+    """DSTS with the paper's defaults (N=10, L=3, τ=1, gates, Gumbel synapse, sum impulse, UDL).
+
+    ``udl_inner_lr`` is α of the simulated update (Eq. 9); ``udl_outer_lr`` the learning rate of
+    u's own optimizer (Eq. 10); the paper uses one α for both (0.01 with SGD for TPN).
+    """
+    for field, value in (("neurons", neurons), ("layers", layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+    _choice("sts", sts, STS)
+    _choice("synapse", synapse, SYNAPSES)
+    _choice("impulse", impulse, IMPULSES)
+    if not isinstance(udl, bool):
+        raise ValueError(f"udl must be True or False, got {udl!r}")
+    for field, value in (
+        ("tau", tau),
+        ("udl_inner_lr", udl_inner_lr),
+        ("udl_outer_lr", udl_outer_lr),
+    ):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{field} must be a number > 0, got {value!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if udl and synapse == "average_all" and sts != "gates":
+        raise ValueError(
+            f"udl=True needs upstream parameters (scoring kernels or gates), but "
+            f"synapse='average_all' with sts={sts!r} has none; use udl=False"
+        )
+    return DSTS(
+        backbone,
+        num_classes,
+        udl=udl,
+        udl_inner_lr=float(udl_inner_lr),
+        udl_outer_lr=float(udl_outer_lr),
+        neurons=neurons,
+        layers=layers,
+        sts=sts,
+        synapse=synapse,
+        impulse=impulse,
+        tau=float(tau),
+        dropout=float(dropout),
+    )
