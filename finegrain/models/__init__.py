@@ -45,9 +45,7 @@ def method_options(method: str) -> dict[str, object]:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
 
-def build_model(
-    method: str, num_classes: int, backbone: str = "tiny", **options
-) -> FineGrainModel:
+def build_model(method: str, num_classes: int, backbone: str = "tiny", **options) -> FineGrainModel:
     """Build ``method`` on ``backbone`` for ``num_classes`` classes.
 
     Backbone options (``weights=PATH``, ``keep_time``, ``width``) go to the backbone; the rest to
