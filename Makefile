@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) experiments/demo.py
+	$(PY) experiments/tune_dsts.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -30,7 +30,9 @@ import json
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,23 +168,97 @@ _ROWS: list[tuple[bytes, int, str]] = []
 _CFG: ClipConfig | None = None
 
 
-def _decode_only(part: tuple[int, int]) -> int:
-    """Decode the sampled frames of rows part[0]::part[1]: no transforms (the ceiling)."""
+def _decode_only(chunk: tuple[int, int]) -> int:
+    """Decode the sampled frames of rows chunk[0]:chunk[1]: no transforms (the ceiling)."""
     assert _CFG is not None
-    n = 0
-    for video, _, video_id in _ROWS[part[0] :: part[1]]:
+    for video, _, video_id in _ROWS[chunk[0] : chunk[1]]:
         reader = decord.VideoReader(io.BytesIO(video), num_threads=_CFG.decode_threads)
-        rng = np.random.default_rng([0, hash(video_id) % 2**32])
+        rng = np.random.default_rng([0, zlib.crc32(video_id.encode())])
         idx = np.unique(sample_views(len(reader), _CFG, train=True, rng=rng))
         reader.get_batch(idx.tolist()).asnumpy()
-        n += 1
-    return n
+    return chunk[1] - chunk[0]
 
 
-def decode_only_epoch(pool, workers: int) -> Epoch:
+def decode_only_epoch(pool, rows: int, chunk: int = 16) -> Epoch:
+    """Chunks of rows handed out dynamically (no straggler waits for a fixed half)."""
     start = time.perf_counter()
-    clips = sum(pool.map(_decode_only, [(k, workers) for k in range(workers)]))
+    chunks = [(k, min(k + chunk, rows)) for k in range(0, rows, chunk)]
+    clips = sum(pool.imap_unordered(_decode_only, chunks))
     return Epoch(clips, time.perf_counter() - start, 0.0)
+
+
+# ---------------------------------------------------------------- where the CPU goes
+
+
+class CpuMeter:
+    """CPU seconds by process kind over a block (Linux ``/proc``), for "where the time goes".
+
+    Processes descending from this one (Ray's daemons and workers, forked workers) are sorted by
+    kind; everything else is "other load on the machine". Polls every 0.2 s, charging each
+    process's CPU since the last sample to its current kind: Ray renames a worker process after
+    the task it runs, and the decode actors exit with each epoch.
+    """
+
+    KINDS = (
+        ("MapWorker", "decode actors"),
+        ("ReadParquet", "read/repartition tasks"),
+        ("Repartition", "read/repartition tasks"),
+        ("ray::IDLE", "worker process start-up"),
+        ("default_worker.py", "worker process start-up"),
+        ("ray::", "other ray actors (stats, coordinators)"),
+        ("ray", "ray daemons (raylet, gcs, agents)"),
+    )
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> dict[int, tuple[str, float, int]]:
+        """{pid: (command line, CPU seconds, parent pid)} of every process."""
+        out = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError):
+                continue
+            out[int(pid)] = (cmd, (int(stat[11]) + int(stat[12])) / self.tick, int(stat[1]))
+        return out
+
+    def __enter__(self) -> CpuMeter:
+        self.prev, self.seconds, self.stop = self._sample(), {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _account(self) -> None:
+        now = self._sample()
+        mine, grew = {os.getpid()}, True
+        while grew:  # descendants of this process
+            new = {pid for pid, (_, _, ppid) in now.items() if ppid in mine} - mine
+            mine |= new
+            grew = bool(new)
+        for pid, (cmd, cpu, _) in now.items():
+            used = cpu - self.prev[pid][1] if pid in self.prev else cpu
+            if pid == os.getpid():
+                kind = "driver (iteration, executor)"
+            elif pid not in mine:
+                kind = "other load on the machine"
+            else:
+                kind = next((k for key, k in self.KINDS if key in cmd), "forked worker processes")
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + used
+        self.prev = now
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.2):
+            self._account()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._account()
+
+    def by_kind(self) -> dict[str, float]:
+        return dict(self.seconds)
 
 
 # ---------------------------------------------------------------- (b) DataLoader
@@ -270,17 +346,25 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_clip_dataset(shard_dir, args.split, cfg, train=True, seed=args.seed)
         epochs: dict[str, list[Epoch]] = {"a": [], "b": [], "c": []}
+        cpu: dict[str, list[dict[str, float]]] = {"a": [], "b": [], "c": []}
+        runs = {
+            "c": lambda: decode_only_epoch(pool, len(rows)),
+            "b": lambda: timed_epoch(loader),
+            "a": lambda: timed_epoch(iter_clip_batches(ds, args.batch_size)),
+        }
         for _ in range(args.rounds):  # interleaved: load from elsewhere hits all paths alike
-            epochs["c"].append(decode_only_epoch(pool, args.workers))
-            epochs["b"].append(timed_epoch(loader))
-            epochs["a"].append(timed_epoch(iter_clip_batches(ds, args.batch_size)))
+            for key, run in runs.items():
+                with CpuMeter() as meter:
+                    epochs[key].append(run())
+                cpu[key].append(meter.by_kind())
         pool.close()
         ray.shutdown()
-    report(epochs)
+    report(epochs, cpu)
 
 
-def report(epochs: dict[str, list[Epoch]]) -> None:
-    """Best epoch of each path (the least disturbed by the machine's other load)."""
+def report(epochs: dict[str, list[Epoch]], cpu: dict[str, list[dict[str, float]]]) -> None:
+    """Best epoch of each path (the least disturbed by the machine's other load), then where
+    the CPU went in each of those epochs."""
     names = {
         "a": "(a) Ray Data pipeline",
         "b": "(b) torch DataLoader",
@@ -301,6 +385,17 @@ def report(epochs: dict[str, list[Epoch]]) -> None:
             f"a/{key} = {best['a'].rate / best[key].rate:.2f}x "
             f"(steady {steady['a'] / steady[key]:.2f}x); goal >= {goal}x"
         )
+    for key in "abc":
+        i = epochs[key].index(best[key])
+        seconds = sorted(cpu[key][i].items(), key=lambda kv: -kv[1])
+        wall, cores = best[key].seconds, os.cpu_count() or 1
+        print(
+            f"\nCPU seconds in that epoch of {names[key]} ({wall:.1f} s wall x {cores} cores = "
+            f"{cores * wall:.1f} CPU s):"
+        )
+        for kind, used in seconds:
+            if used >= 0.05:
+                print(f"  {kind:<32} {used:6.2f}  ({1000 * used / best[key].clips:.2f} ms/clip)")
 
 
 if __name__ == "__main__":

@@ -272,6 +272,7 @@ class DSTS(FineGrainModel):
         for j, (layer, a) in enumerate(zip(self.head.layers, selected)):
             if a is not None:
                 diag[f"dsts/layer{j}/selected"] = torch.bincount(a, minlength=len(layer.neurons))
+                diag[f"dsts/layer{j}/selection"] = a.detach()  # per clip, for class-split plots
             share = layer.temporal_share()
             if share is not None:
                 diag[f"dsts/layer{j}/temporal_share"] = share

@@ -71,8 +71,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: Literal[tuple(METHODS)] = "onepass"  # type: ignore[valid-type]
     backbone: Literal[tuple(BACKBONES)] = "tiny"  # type: ignore[valid-type]
-    weights: str | None = None
-    keep_time: bool = False
+    weights: str | None = None  # a local state-dict file for the backbone
+    keep_time: bool = False  # ResNet family: no temporal stride in the last two stages
+    width: int | None = Field(None, ge=2, le=256)  # tiny backbone: width of its first stage
 
     @model_validator(mode="after")
     def _method_options(self):
@@ -93,6 +94,10 @@ class ModelConfig(BaseModel):
             opts["keep_time"] = True
         if self.weights:
             opts["weights"] = self.weights
+        if self.width is not None:
+            if self.backbone != "tiny":
+                raise ValueError(f"model.width applies to the tiny backbone, not {self.backbone!r}")
+            opts["width"] = self.width
         return opts
 
 

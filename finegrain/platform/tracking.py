@@ -172,3 +172,65 @@ class RunLogger:
             path = Path(d) / base
             path.write_bytes(data)
             self.client.log_artifact(self.run_id, str(path), folder or None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """An ``mlflow server`` on 127.0.0.1 over a SQLite store, for concurrent writers.
+
+    Concurrent Tune trials each writing to one SQLite file would hit "database is locked"; one
+    server process with one worker serializes the writes, and every trial logs over HTTP.
+    Artifacts are proxied by the server into ``artifacts``.
+    """
+
+    def __init__(self, backend_uri: str, artifacts: Path, log: Path) -> None:
+        self.backend_uri, self.artifacts, self.log = backend_uri, artifacts, log
+        self.proc: subprocess.Popen | None = None
+        self.uri = ""
+
+    def __enter__(self) -> str:
+        import sys
+        import urllib.request
+
+        port = _free_port()
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", self.backend_uri,
+            "--artifacts-destination", str(self.artifacts),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ]  # fmt: skip
+        self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in __exit__)
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited at start; see {self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.uri
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise RuntimeError(
+            f"mlflow server did not answer on {self.uri} within 120 s; see {self.log}"
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log_file.close()

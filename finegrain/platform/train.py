@@ -132,7 +132,7 @@ def check_model(cfg: ExperimentConfig) -> None:
         model(clip)
 
 
-def ensure_ray(cfg: ExperimentConfig) -> None:
+def ensure_ray(cfg: ExperimentConfig, concurrent_runs: int = 1) -> None:
     """Connect to the running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start a local one.
 
     A local Ray gets enough logical CPUs for the training workers plus the decode actors, even on
@@ -144,11 +144,13 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    need = (
+    per_run = (
         cfg.scaling.workers * cfg.scaling.cpus_per_worker
         + cfg.data.decode_actors * cfg.data.decode_cpus
-        + 1
+        + 0.5  # Parquet read tasks
+        + 0.25  # a Tune trial's own share (finegrain.platform.tune)
     )
+    need = concurrent_runs * per_run + 1
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
         include_dashboard=False,
@@ -501,7 +503,11 @@ class _Loop:
             ids.extend(str(v) for v in batch["video_id"])
             if diagnostics is None:
                 diagnostics = output.diagnostics
-                sample = {"clips": batch["clips"][:4].cpu(), "labels": y[:4].cpu()}
+                sample = {
+                    "clips": batch["clips"][:4].cpu(),
+                    "labels": y[:4].cpu(),
+                    "all_labels": y.cpu(),  # aligned with the batch's diagnostics
+                }
         local = (
             torch.cat(logits) if logits else torch.zeros(0, len(self.config["classes"])),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),

@@ -1,0 +1,281 @@
+"""Comparison tables from MLflow: one row per method/variant, best and mean ± std over seeds.
+
+Reads the runs with ``mlflow.search_runs`` (one run = one seed of one variant) and aggregates the
+final value of a per-epoch metric (``val_top1`` at the last epoch by default) per group:
+
+- groups: the tags ``method`` + ``variant`` when the runs carry a ``variant`` tag (the ablation
+  suites set it), else ``method`` + ``backbone``; with several experiments the experiment name
+  comes first. ``group_by`` takes tag or param names (``variant``, ``model.neurons``,
+  ``tags.method``, ``params.run.seed``);
+- columns: ``best`` (max over runs), ``mean``, ``std`` (sample std, n-1; NaN for one run),
+  ``n``, the seeds (param ``run.seed``) and the short MLflow run ids.
+
+Only FINISHED runs count unless ``all_statuses``; a sweep's parent run (a run other selected
+runs name as ``mlflow.parentRunId``) is a summary, not a seed, and is left out. Runs without the
+metric are not averaged; they are listed in ``df.attrs["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from finegrain.platform.tracking import resolve_tracking_uri
+
+DEFAULT_EXPERIMENT = "Default"
+SEED_PARAM = "params.run.seed"
+PARENT_TAG = "tags.mlflow.parentRunId"
+
+
+class CompareError(ValueError):
+    """A bad selection: unknown experiment, metric or grouping key."""
+
+
+def metric_key(metric: str) -> str:
+    """``top1`` / ``val_top1`` / ``metrics.val_top1`` → ``val_top1``; ``best_top1`` →
+    ``val_best_top1``. Names already starting with ``val_`` or ``train_`` are kept."""
+    name = metric.strip().removeprefix("metrics.")
+    if not name:
+        raise CompareError("metric: empty name; e.g. top1, top5, mean_class_acc, best_top1")
+    return name if name.startswith(("val_", "train_")) else f"val_{name}"
+
+
+@contextmanager
+def _tracking_uri(uri: str):
+    """Point ``mlflow.search_runs`` at ``uri`` and put the caller's setting back afterwards.
+
+    MLflow's own helper (private ``_use_tracking_uri``) restores the global URI but unsets a
+    user's ``MLFLOW_TRACKING_URI`` on the way out, so the variable is restored here too.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _experiments(client, names: Sequence[str] | None) -> dict[str, str]:
+    """{experiment id: name} for ``names`` (default: every active experiment but Default)."""
+    existing = {e.name: e.experiment_id for e in client.search_experiments()}
+    if not names:
+        chosen = {i: n for n, i in existing.items() if n != DEFAULT_EXPERIMENT}
+        if not chosen:
+            raise CompareError(
+                f"no experiments besides {DEFAULT_EXPERIMENT!r} in {client.tracking_uri}"
+            )
+        return chosen
+    missing = [n for n in names if n not in existing]
+    if missing:
+        listed = ", ".join(sorted(existing)) or "(none)"
+        raise CompareError(
+            f"experiment {', '.join(repr(n) for n in missing)} not found in "
+            f"{client.tracking_uri}; existing experiments: {listed}"
+        )
+    return {existing[n]: n for n in dict.fromkeys(names)}
+
+
+def _group_column(runs: pd.DataFrame, key: str) -> str:
+    """The runs column a ``group_by`` key names (tags first, then params)."""
+    if key == "experiment" or key.startswith(("tags.", "params.")):
+        if key in runs.columns:
+            return key
+    else:
+        for column in (f"tags.{key}", f"params.{key}"):
+            if column in runs.columns:
+                return column
+    tags = sorted(c[5:] for c in runs.columns if c.startswith("tags.") and "mlflow." not in c)
+    params = sorted(c[7:] for c in runs.columns if c.startswith("params."))
+    raise CompareError(
+        f"group_by {key!r}: no run has a tag or param of that name; "
+        f"tags: {', '.join(tags) or '(none)'}; params: {', '.join(params) or '(none)'}"
+    )
+
+
+def _default_groups(runs: pd.DataFrame, several_experiments: bool) -> list[str]:
+    groups = ["experiment"] if several_experiments else []
+    has_variant = "tags.variant" in runs.columns and runs["tags.variant"].notna().any()
+    second = "tags.variant" if has_variant else "tags.backbone"
+    found = [c for c in ("tags.method", second) if c in runs.columns]
+    return groups + found if found else ["experiment"]  # not finegrain runs: one row each
+
+
+def _label(column: str) -> str:
+    return column.split(".", 1)[1] if column.startswith(("tags.", "params.")) else column
+
+
+def _seed_sort_key(seed: str):
+    try:
+        return (0, float(seed), seed)
+    except ValueError:
+        return (1, 0.0, seed)
+
+
+def compare(
+    experiments: Sequence[str] | None = None,
+    metric: str = "top1",
+    uri: str | None = None,
+    group_by: Sequence[str] | None = None,
+    *,
+    all_statuses: bool = False,
+    run_dir: str | os.PathLike = "runs",
+) -> pd.DataFrame:
+    """One row per group of runs: group keys, ``n``, ``best``, ``mean``, ``std``, ``seeds``,
+    ``runs`` (short run ids, in start order).
+
+    ``uri``: tracking URI (default ``$MLFLOW_TRACKING_URI`` or the embedded store under
+    ``run_dir``). Rows keep the order in which their first run started (an ablation suite's
+    order). ``df.attrs`` holds ``metric``, ``uri``, ``experiments`` and ``skipped`` (ids of
+    selected runs without the metric).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    key = metric_key(metric)
+    uri = resolve_tracking_uri(uri, run_dir)
+    chosen = _experiments(MlflowClient(uri), experiments)
+    status = "" if all_statuses else "attributes.status = 'FINISHED'"
+    with _tracking_uri(uri):
+        runs = mlflow.search_runs(
+            experiment_ids=list(chosen), filter_string=status, output_format="pandas"
+        )
+    where = f"experiment(s) {', '.join(chosen.values())} of {uri}"
+    if runs.empty:
+        kind = "runs" if all_statuses else "FINISHED runs (--all-statuses to include others)"
+        raise CompareError(f"no {kind} in {where}")
+    runs["experiment"] = runs["experiment_id"].map(chosen)
+    if PARENT_TAG in runs.columns:  # sweep parents summarise their trials: not a seed
+        runs = runs[~runs["run_id"].isin(set(runs[PARENT_TAG].dropna()))]
+
+    column = f"metrics.{key}"
+    if column not in runs.columns:
+        have = sorted(c[8:] for c in runs.columns if c.startswith("metrics."))
+        raise CompareError(
+            f"metric {metric!r} (MLflow metric {key!r}): no run in {where} has it; "
+            f"metrics: {', '.join(have) or '(none)'}"
+        )
+    groups = (
+        [_group_column(runs, k) for k in group_by]
+        if group_by
+        else _default_groups(runs, len(chosen) > 1)
+    )
+    skipped = runs.loc[runs[column].isna(), "run_id"].tolist()
+    runs = runs[runs[column].notna()].sort_values(["start_time", "run_id"], kind="stable")
+
+    rows = []
+    keys = runs[groups].astype("string").fillna("-")
+    for values, part in runs.groupby([keys[g] for g in groups], sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        scores = part[column].astype(float)
+        seeds = part[SEED_PARAM].dropna().tolist() if SEED_PARAM in part.columns else []
+        rows.append(
+            {
+                **{_label(g): v for g, v in zip(groups, values)},
+                "n": len(part),
+                "best": scores.max(),
+                "mean": scores.mean(),
+                "std": scores.std(ddof=1) if len(part) > 1 else math.nan,
+                "seeds": ", ".join(sorted(map(str, seeds), key=_seed_sort_key)),
+                "runs": ", ".join(r[:8] for r in part["run_id"]),
+            }
+        )
+    df = pd.DataFrame(rows)
+    df.attrs.update(
+        metric=key, uri=uri, experiments=list(chosen.values()), skipped=skipped, groups=groups
+    )
+    return df
+
+
+def _group_labels(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in ("n", "best", "mean", "std", "seeds", "runs")]
+
+
+def is_accuracy(metric: str) -> bool:
+    return "top" in metric or "acc" in metric
+
+
+def _fmt(value: float, percent: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{100 * value:.1f}" if percent else f"{value:.4f}"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """The comparison as a Markdown table (accuracies in %), with a caption line.
+
+    Written by hand: ``DataFrame.to_markdown`` needs ``tabulate``, not a project dependency.
+    """
+    metric = df.attrs.get("metric", "value")
+    percent = is_accuracy(metric)
+    unit = " (%)" if percent else ""
+    labels = _group_labels(df)
+    header = [*labels, f"best {metric}{unit}", f"mean ± std{unit}", "n", "seeds", "MLflow runs"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":--"] * len(labels) + ["--:", "--:", "--:", ":--", ":--"]) + "|",
+    ]
+    for _, row in df.iterrows():
+        spread = _fmt(row["mean"], percent)
+        if not (isinstance(row["std"], float) and math.isnan(row["std"])):
+            spread += f" ± {_fmt(row['std'], percent)}"
+        cells = [*(row[c] for c in labels), _fmt(row["best"], percent), spread, row["n"]]
+        cells += [row["seeds"] or "—", row["runs"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    caption = (
+        f"`{metric}`: final-epoch value of each run; best = max over runs, mean ± sample std "
+        f"(n-1) over runs (seeds). Experiments: {', '.join(df.attrs.get('experiments', []))}. "
+        f"MLflow: `{df.attrs.get('uri', '?')}`."
+    )
+    return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def bar_chart(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Horizontal bars of the mean with ± std error bars (and the best run as a dot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = df.attrs.get("metric", "value")
+    scale = 100.0 if is_accuracy(metric) else 1.0
+    labels = [" / ".join(str(row[c]) for c in _group_labels(df)) for _, row in df.iterrows()]
+    mean = df["mean"].to_numpy(float) * scale
+    std = df["std"].fillna(0).to_numpy(float) * scale
+    best = df["best"].to_numpy(float) * scale
+    y = list(range(len(df)))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(df)))
+    ax.barh(y, mean, xerr=std, color="#4c72b0", capsize=3, label="mean ± std")
+    ax.scatter(best, y, color="#dd8452", zorder=3, s=18, label="best run")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric}{' (%)' if scale == 100 else ''}")
+    ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(df: pd.DataFrame, out: str | os.PathLike) -> tuple[Path, Path]:
+    """``out`` (Markdown) and the bar chart beside it (same name, ``.png``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    bar_chart(df, png)
+    out.write_text(to_markdown(df) + f"\n![{df.attrs.get('metric', '')}]({png.name})\n")
+    return out, png

@@ -1,0 +1,197 @@
+"""compare.py reproduces the numbers stored in MLflow (a temp SQLite store of fake runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from finegrain.platform.compare import CompareError, compare, metric_key, to_markdown, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = "ablate-test"
+OTHER = "other-suite"
+
+# (method, variant) -> seed -> {step: val_top1}; the value at the last step is the final one.
+LOGGED = {
+    ("onepass", "baseline"): {0: {1: 0.30, 2: 0.41}, 1: {1: 0.28, 2: 0.39}, 2: {1: 0.35, 2: 0.44}},
+    ("dsts", "full"): {0: {1: 0.40, 2: 0.52}, 1: {1: 0.45, 2: 0.47}, 2: {1: 0.38, 2: 0.55}},
+}
+
+
+def _log_run(client, exp_id, method, variant, seed, curve, start, status="FINISHED", tags=None):
+    run = client.create_run(
+        exp_id,
+        start_time=start,
+        run_name=f"{method}-{variant}-s{seed}",
+        tags={"method": method, "variant": variant, "backbone": "tiny", **(tags or {})},
+    )
+    rid = run.info.run_id
+    best, metrics = -1.0, []
+    for i, (step, value) in enumerate(sorted(curve.items())):
+        best = max(best, value)
+        # the last epoch is logged with the *earliest* timestamp: "final" must mean last step
+        ts = start + 1000 * (len(curve) - i)
+        metrics += [Metric("val_top1", value, ts, step), Metric("val_best_top1", best, ts, step)]
+    client.log_batch(rid, metrics=metrics, params=[Param("run.seed", str(seed))])
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite MLflow store: 2 methods x 3 seeds in SUITE, plus runs compare must leave out."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(SUITE, artifact_location=(root / "art").as_uri())
+    ids: dict[tuple[str, str], list[str]] = {}
+    start = 1_700_000_000_000
+    for (method, variant), seeds in LOGGED.items():
+        for seed, curve in seeds.items():
+            start += 10_000
+            rid = _log_run(client, exp, method, variant, seed, curve, start)
+            ids.setdefault((method, variant), []).append(rid)
+    failed = _log_run(client, exp, "dsts", "full", 3, {1: 0.99, 2: 0.99}, start + 10_000, "FAILED")
+    # a sweep parent with one child: the parent is a summary, not a seed
+    parent = client.create_run(exp, start_time=start + 20_000, tags={"method": "dsts"})
+    client.log_metric(parent.info.run_id, "val_top1", 0.97, step=1)
+    client.set_terminated(parent.info.run_id)
+    child = _log_run(
+        client,
+        exp,
+        "dsts",
+        "sweep",
+        0,
+        {1: 0.5, 2: 0.6},
+        start + 30_000,
+        tags={"mlflow.parentRunId": parent.info.run_id},
+    )
+    other = client.create_experiment(OTHER, artifact_location=(root / "art2").as_uri())
+    _log_run(client, other, "u2s", "full", 0, {1: 0.2, 2: 0.25}, start + 40_000)
+    return {"uri": uri, "ids": ids, "failed": failed, "parent": parent.info.run_id, "child": child}
+
+
+def _final(curve: dict[int, float]) -> float:
+    return curve[max(curve)]
+
+
+def test_compare_reproduces_the_numbers_stored_in_mlflow(store):
+    df = compare([SUITE], "top1", store["uri"])
+    rows = {(r.method, r.variant): r for r in df.itertuples()}
+    assert list(rows) == [("onepass", "baseline"), ("dsts", "full"), ("dsts", "sweep")]
+    for key, seeds in LOGGED.items():
+        finals = [_final(c) for c in seeds.values()]
+        row = rows[key]
+        assert row.n == 3
+        assert row.best == pytest.approx(max(finals), abs=1e-12)
+        assert row.mean == pytest.approx(statistics.mean(finals), abs=1e-12)
+        assert row.std == pytest.approx(statistics.stdev(finals), abs=1e-12)
+        assert row.seeds == "0, 1, 2"
+        assert row.runs == ", ".join(r[:8] for r in store["ids"][key])
+    assert df.attrs["metric"] == "val_top1"
+    assert df.attrs["skipped"] == []
+
+
+def test_one_run_has_no_std_and_markdown_says_so(store):
+    df = compare([SUITE], "top1", store["uri"])
+    sweep = df[df["variant"] == "sweep"].iloc[0]
+    assert sweep["n"] == 1 and sweep["best"] == pytest.approx(0.6)
+    assert sweep["std"] != sweep["std"]  # NaN
+    assert "| dsts | sweep | 60.0 | 60.0 | 1 | 0 |" in to_markdown(df)
+
+
+def test_metric_names_and_best_top1(store):
+    assert metric_key("top1") == metric_key("val_top1") == metric_key("metrics.val_top1")
+    assert metric_key("best_top1") == "val_best_top1"
+    a = compare([SUITE], "top1", store["uri"])
+    b = compare([SUITE], "val_top1", store["uri"])
+    assert a[["best", "mean"]].equals(b[["best", "mean"]])
+    best = compare([SUITE], "best_top1", store["uri"]).set_index(["method", "variant"])
+    for key, seeds in LOGGED.items():
+        per_run = [max(c.values()) for c in seeds.values()]
+        assert best.loc[key, "mean"] == pytest.approx(statistics.mean(per_run), abs=1e-12)
+        assert best.loc[key, "best"] == pytest.approx(max(per_run), abs=1e-12)
+
+
+def test_unfinished_runs_only_with_all_statuses_and_sweep_parents_never(store):
+    df = compare([SUITE], "top1", store["uri"], all_statuses=True)
+    full = df[(df["method"] == "dsts") & (df["variant"] == "full")].iloc[0]
+    assert full["n"] == 4 and full["best"] == pytest.approx(0.99)
+    assert store["failed"][:8] in full["runs"]
+    every = ", ".join(df["runs"])
+    assert store["parent"][:8] not in every and store["child"][:8] in every
+
+
+def test_group_by_and_default_grouping_over_experiments(store):
+    df = compare(None, "top1", store["uri"])  # every experiment but Default
+    assert list(df.columns[:3]) == ["experiment", "method", "variant"]
+    assert set(df["experiment"]) == {SUITE, OTHER}
+    by_method = compare([SUITE], "top1", store["uri"], group_by=["method"])
+    dsts = by_method.set_index("method").loc["dsts"]
+    finals = [_final(c) for c in LOGGED[("dsts", "full")].values()] + [0.6]
+    assert dsts["n"] == 4 and dsts["mean"] == pytest.approx(statistics.mean(finals))
+    by_seed = compare([SUITE], "top1", store["uri"], group_by=["params.run.seed"])
+    assert list(by_seed["run.seed"]) == ["0", "1", "2"]
+
+
+def test_errors_name_the_bad_value(store):
+    with pytest.raises(CompareError, match=r"'no-such-suite' not found.*existing experiments: "):
+        compare(["no-such-suite"], "top1", store["uri"])
+    with pytest.raises(CompareError) as err:
+        compare(["no-such-suite"], "top1", store["uri"])
+    assert SUITE in str(err.value) and OTHER in str(err.value)
+    with pytest.raises(CompareError, match=r"'val_top9'.*metrics: val_best_top1, val_top1"):
+        compare([SUITE], "top9", store["uri"])
+    with pytest.raises(CompareError, match=r"group_by 'colour'.*tags: .*variant"):
+        compare([SUITE], "top1", store["uri"], group_by=["colour"])
+
+
+def test_caller_tracking_uri_is_left_alone(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    compare([SUITE], "top1", store["uri"])
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9"
+
+
+def test_markdown_and_png_are_written(store, tmp_path):
+    df = compare([SUITE], "top1", store["uri"])
+    md, png = write_report(df, tmp_path / "report.md")
+    text = md.read_text()
+    finals = [_final(c) for c in LOGGED[("dsts", "full")].values()]
+    mean, std = 100 * statistics.mean(finals), 100 * statistics.stdev(finals)
+    assert f"| dsts | full | {100 * max(finals):.1f} | {mean:.1f} ± {std:.1f} | 3 |" in text
+    assert "best val_top1 (%)" in text and "report.png" in text
+    assert png == tmp_path / "report.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_smoke(store, tmp_path):
+    out = tmp_path / "cmp" / "report.md"
+    cmd = [sys.executable, str(ROOT / "experiments" / "compare.py"), "--mlflow-uri", store["uri"]]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    ok = subprocess.run(
+        cmd + ["--experiment", SUITE, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "| onepass | baseline |" in ok.stdout and out.is_file()
+    assert out.with_suffix(".png").is_file()
+
+
+def test_cli_unknown_experiment_exits_2(store, capsys):
+    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "experiments/compare.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main(["--mlflow-uri", store["uri"], "--experiment", "nope"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'nope' not found" in err and SUITE in err
