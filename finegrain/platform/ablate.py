@@ -1,0 +1,777 @@
+"""Ablation suites: the runs behind the papers' ablation tables, on Ray Tune, tracked in MLflow.
+
+A suite is an ordered list of variants (a row name → dotted config overrides, e.g.
+``{"model.sts": "fixed_halves"}``) laid out like the paper's table; one reference row ("full",
+the method's defaults) is shared by the paper's several tables instead of being repeated.
+Every variant × seed is one :func:`run_experiment`; Ray Tune runs them in parallel across the
+cluster (a ``tune.grid_search`` over the (variant, seed) pairs, a function trainable, no searcher,
+no scheduler). Runs log to one MLflow experiment per suite (``ablate-<suite>``) through
+:func:`finegrain.platform.tune.tracking_server` (one ``mlflow server`` owns the SQLite file), are
+tagged ``variant`` and ``suite`` and named ``ablate-<suite>-<variant>-s<seed>``, so a rerun finds
+its finished runs and skips them (and refuses to mix in runs trained with another config).
+
+Evaluation-only rows (U2S Table I's prediction subsets and Table III's oracle) need no training:
+they evaluate the final checkpoint of the ``full`` run of the same seed with other options
+(``fuse``, ``oracle=True``) on the val split — the paper fuses the predictions of one trained
+model, and the oracle only changes which masks are selected at test time.
+
+The table (rows = variants in suite order; top-1, top-5, mean class accuracy and, on the
+synthetic benchmark, spatial-subtle and temporal-subtle accuracy as mean ± std over seeds) is
+computed from MLflow with :func:`finegrain.platform.compare.compare`, so it shows what MLflow
+stores. It is written to ``<run dir>/ablate/<suite>/table.md`` with a bar chart ``table.png``
+and logged as artifacts of the suite's summary run (tag ``ablation=summary``; the variant runs
+are its children, so ``compare`` never counts it as a seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finegrain.platform import tracking
+from finegrain.platform.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+
+DEFAULT_CONFIG = "tune_synthetic"  # tiny backbone (width 8), 48 px, 8 frames, 4 epochs
+
+# ---------------------------------------------------------------------------------- suites
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: ``overrides`` on the suite's base config.
+
+    ``paper``: the row's name in the paper; ``table``: the paper table(s) it belongs to.
+    ``evaluates``: for an evaluation-only row, the trained variant whose final checkpoint is
+    evaluated with ``overrides`` applied on top of that variant's config.
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    paper: str
+    table: str
+    evaluates: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    method: str  # the base config's method (rows may switch it: the one-pass baseline)
+    title: str
+    variants: tuple[Variant, ...] = field(default_factory=tuple)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ConfigError(
+            f"--variants {name!r}: not a variant of suite {self.name!r}; "
+            f"valid: {', '.join(v.name for v in self.variants)}"
+        )
+
+
+ONEPASS = {"model.method": "onepass"}
+
+
+def _v(name, overrides, paper, table, evaluates=None) -> Variant:
+    return Variant(name, dict(overrides), paper, table, evaluates)
+
+
+def _fuse(names: str) -> Variant:
+    """U2S Table I: the average of a subset of the full model's predictions (evaluation)."""
+    parts = names.split(",")
+    return _v("_".join(parts), {"model.fuse": names}, " + ".join(parts), "I", evaluates="full")
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "dsts",
+            "dsts",
+            "DSTS Tables 3–7 (STS, synapse mechanism, UDL, N, L)",
+            (
+                _v("onepass", ONEPASS, "Baseline (one-pass)", "4"),
+                _v("full", {}, "DSTS (w/ STS, w/ synapse, w/ UDL; N=10, L=3)", "3–7"),
+                _v("conv3d", {"model.sts": "conv3d"}, "DSTS w/o STS (3D conv)", "3"),
+                _v("fixed_halves", {"model.sts": "fixed_halves"}, "DSTS w/o Gates", "3"),
+                _v("average_all", {"model.synapse": "average_all"}, "w/o Synapse Mechanism", "4"),
+                _v("no_udl", {"model.udl": False}, "DSTS w/o UDL", "5"),
+                _v("n5", {"model.neurons": 5}, "N = 5", "6"),
+                _v("n15", {"model.neurons": 15}, "N = 15", "6"),
+                _v("l1", {"model.layers": 1}, "L = 1", "7"),
+                _v("l5", {"model.layers": 5}, "L = 5", "7"),
+            ),
+        ),
+        Suite(
+            "u2s",
+            "u2s",
+            "U2S Tables I–III (prediction fusion, category regularization, mask network)",
+            (
+                _v("onepass", ONEPASS, "One-Pass Universal", "I, III"),
+                _fuse("universal"),
+                _fuse("bridge"),
+                _fuse("specific"),
+                _fuse("universal,bridge"),
+                _fuse("universal,specific"),
+                _fuse("bridge,specific"),
+                _v("full", {}, "a) U2S (universal + bridge + specific)", "I, II, III"),
+                _v(
+                    "no_category_reg",
+                    {"model.category_reg": False},
+                    "w/o category regularization",
+                    "II",
+                ),
+                _v("simple", {"model.mask": "own_class_only"}, "b) U2S (simple)", "III"),
+                _v("soft_csm", {"model.csm": "soft"}, "c) U2S (soft CSM)", "III"),
+                _v("no_mask_network", {"model.mask_network": False}, "d) U2S − MN", "III"),
+                _v("oracle", {"model.oracle": True}, "f) U2S (oracle)", "III", evaluates="full"),
+            ),
+        ),
+        Suite(
+            "dfb",
+            "dfb",
+            "DFB Table 1 (global branch, discriminative filters, local branch)",
+            (
+                _v("gb", {"model.branches": "gb"}, "GB (baseline)", "1"),
+                _v("gb_df", {"model.branches": "gb_df"}, "GB + DF", "1"),
+                _v("gb_df_lb", {"model.branches": "gb_df_lb"}, "GB + DF + LB", "1"),
+            ),
+        ),
+        Suite(
+            "classreg",
+            "classreg",
+            "ClassReg on/off and the affection rate γ",
+            (
+                _v("off", {"model.stages": 0}, "w/o Class Regularization (one-pass)", "—"),
+                _v("full", {}, "ClassReg, γ = 0.1, 0.2, 0.3, 0.4 (grows with depth)", "—"),
+                _v("gamma_0.1", {"model.gamma": 0.1}, "ClassReg, γ = 0.1 at every stage", "—"),
+                _v("gamma_0.4", {"model.gamma": 0.4}, "ClassReg, γ = 0.4 at every stage", "—"),
+            ),
+        ),
+        Suite(
+            "joint_attn",
+            "joint_attn",
+            "JointAttn Table 4 (early vs late fusion) and the attention regularization",
+            (
+                _v("full", {}, "late fusion, w/ attention reg. (λ = 1000)", "4"),
+                _v("early", {"model.fusion": "early"}, "early fusion", "4"),
+                _v(
+                    "no_attention_reg",
+                    {"model.attention_reg": False},
+                    "late fusion, w/o attention reg.",
+                    "—",
+                ),
+            ),
+        ),
+        Suite(
+            "methods",
+            "onepass",
+            "Every method with its defaults vs the one-pass baseline, on the same data",
+            tuple(
+                _v(m, {"model.method": m}, "one-pass baseline" if m == "onepass" else m, "—")
+                for m in ("onepass", "dsts", "u2s", "dfb", "classreg", "joint_attn")
+            ),
+        ),
+    )
+}
+SUITE_CHOICES = (*SUITES, "all")
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ConfigError(f"--suite {name!r}: unknown suite; valid: {', '.join(SUITE_CHOICES)}")
+    return SUITES[name]
+
+
+def suite_names(name: str) -> list[str]:
+    """``all`` → every suite; else the one suite (checked)."""
+    return list(SUITES) if name == "all" else [get_suite(name).name]
+
+
+def select(suite: Suite, names: Sequence[str] | None = None) -> list[Variant]:
+    """The chosen variants in suite order; an evaluation-only row brings its trained variant."""
+    if not names:
+        return list(suite.variants)
+    wanted = {suite.variant(n).name for n in names}
+    wanted |= {suite.variant(n).evaluates for n in names if suite.variant(n).evaluates}
+    return [v for v in suite.variants if v.name in wanted]
+
+
+def experiment_name(suite: str) -> str:
+    return f"ablate-{suite}"
+
+
+def run_name(suite: str, variant: str, seed: int) -> str:
+    return f"ablate-{suite}-{variant}-s{seed}"
+
+
+# ---------------------------------------------------------------------------------- configs
+
+
+def load_base(
+    suite: Suite | str,
+    config: str | None = None,
+    overrides: Sequence[str] | None = None,
+    *,
+    epochs: int | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    mlflow_uri: str | None = None,
+) -> ExperimentConfig:
+    """The suite's base config: ``config`` (default ``tune_synthetic``) with the suite's method,
+    the CLI flags, then the ``--set`` overrides."""
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    return load_config(
+        config or DEFAULT_CONFIG,
+        list(overrides or []),
+        model={"method": suite.method},
+        optim={"epochs": epochs},
+        scaling={"workers": workers, "gpus_per_worker": gpus_per_worker},
+        tracking={"mlflow_uri": mlflow_uri, "experiment": experiment_name(suite.name)},
+    )
+
+
+def variant_config(
+    base: ExperimentConfig, suite: Suite, variant: Variant, seed: int
+) -> ExperimentConfig:
+    """``base`` + the variant's overrides (+ its trained variant's, if evaluation-only) + seed.
+
+    A row that switches ``model.method`` (the one-pass baseline) keeps the backbone fields of
+    the model section and drops the suite method's options.
+    """
+    from finegrain.platform.tune import apply_params
+
+    overrides = dict(variant.overrides)
+    if variant.evaluates:
+        overrides = {**suite.variant(variant.evaluates).overrides, **overrides}
+    raw = base.model_dump(mode="json")
+    method = overrides.get("model.method", raw["model"]["method"])
+    if method != raw["model"]["method"]:
+        raw["model"] = {k: raw["model"][k] for k in ModelConfig.model_fields}
+    try:
+        cfg = apply_params(raw, {**overrides, "run.seed": seed})
+    except ConfigError as e:
+        raise ConfigError(f"suite {suite.name!r} variant {variant.name!r}: {e}") from None
+    cfg.run.name = run_name(suite.name, variant.name, seed)
+    cfg.tracking.experiment = experiment_name(suite.name)
+    return cfg
+
+
+def check_suite(base: ExperimentConfig, suite: Suite, variants: Sequence[Variant]) -> None:
+    """Every variant's config validates, its model builds and runs a dummy clip of the
+    configured shape, and the epochs cover its training stages — before data, Ray or MLflow."""
+    from finegrain.models import build_model
+    from finegrain.platform.train import check_model, stage_plan
+
+    for variant in variants:
+        cfg = variant_config(base, suite, variant, seed=0)
+        try:
+            check_model(cfg)
+            if not variant.evaluates:
+                classes = cfg.data.synthetic.classes if cfg.data.dataset == "synthetic" else 10
+                model = build_model(
+                    cfg.model.method, classes, cfg.model.backbone, **cfg.model.options()
+                )
+                stage_plan(model.training_stages(), cfg.optim.epochs, cfg.optim.stage_epochs)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"suite {suite.name!r} variant {variant.name!r}: {e}") from None
+
+
+# Config fields that do not change what a run computes (where and how it runs): a finished run
+# whose other params differ was trained with another configuration.
+VOLATILE = ("tracking.", "scaling.", "run.name", "run.dir", "run.log_every", "run.max_failures")
+VOLATILE += ("run.fail_at_step", "data.decode_actors", "data.decode_cpus", "eval.batch_size")
+
+
+def config_diff(cfg: ExperimentConfig, params: dict[str, str]) -> list[str]:
+    """``key: logged → now`` for every config field that differs from a run's MLflow params."""
+    out = []
+    for key, value in cfg.flat().items():
+        now = str(value)[:6000]  # as tracking.log_params stores it
+        if not key.startswith(VOLATILE) and params.get(key) != now:
+            out.append(f"{key}: {params.get(key, '(missing)')} → {now}")
+    return out
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    table: Any  # pandas.DataFrame, one row per variant
+    markdown: str
+    markdown_path: Path
+    png_path: Path
+    summary_run_id: str
+    tracking_uri: str
+    failed: list[str]
+
+
+def ablation_trial(
+    params: dict, *, configs: dict[str, dict], suite: str, parent: str, uri: str
+) -> None:
+    """One (variant, seed): its config → ``run_experiment`` in this Tune actor."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from finegrain.platform.config import validate
+    from finegrain.platform.train import run_experiment
+
+    variant, seed = params["run"]["variant"], params["run"]["seed"]
+    cfg = validate(configs[run_name(suite, variant, seed)])
+    cfg.tracking.mlflow_uri = uri
+    cfg.tracking.parent_run_id = parent
+    # created here with the ablation's tags; run_experiment finds it by name and trains into it
+    _open(cfg, uri, suite, variant)
+    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True)
+
+
+def _open(cfg: ExperimentConfig, uri: str, suite: str, variant: str, **tags: str) -> str:
+    return tracking.open_run(
+        uri,
+        cfg.tracking.experiment,
+        cfg.run.name,
+        cfg.run.dir,
+        tags={
+            "method": cfg.model.method,
+            "backbone": cfg.model.backbone,
+            "dataset": cfg.data.dataset,
+            "suite": suite,
+            "variant": variant,
+            **tags,
+        },
+        params=cfg.flat(),
+        parent_run_id=cfg.tracking.parent_run_id,
+    )
+
+
+def run_suite(
+    suite: Suite | str,
+    base: ExperimentConfig,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    variants: Sequence[str] | None = None,
+    max_concurrent: int = 2,
+) -> SuiteResult:
+    """Train (and evaluate) ``variants`` × ``seeds`` of ``suite``; write and log its table."""
+    from finegrain.platform.data import prepare_data
+    from finegrain.platform.train import ensure_ray
+    from finegrain.platform.tune import close_stopped_children, tracking_server
+
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"seeds: need at least one seed >= 0, got {seeds}")
+    if max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    chosen = select(suite, variants)
+    check_suite(base, suite, chosen)
+    runs = {
+        (v.name, s): variant_config(base, suite, v, s) for v in chosen for s in seeds
+    }  # suite order, then seed
+    for cfg in {c.data.model_dump_json(): c for c in runs.values()}.values():
+        prepare_data(cfg)  # once, in the driver: the runs find the shards cached
+    ensure_ray(base, concurrent_runs=max_concurrent)
+
+    root = tracking.run_root(base.run.dir)
+    out_dir = root / "ablate" / suite.name
+    experiment = experiment_name(suite.name)
+    display_uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
+    with tracking_server(base) as uri:
+        summary = tracking.open_run(
+            uri,
+            experiment,
+            f"ablate-{suite.name}-summary",
+            base.run.dir,
+            tags={"suite": suite.name, "ablation": "summary", "method": suite.method},
+        )
+        failed: list[str] = []
+        try:
+            done = _finished_runs(uri, experiment, runs)
+            train = [k for k in runs if not _evaluates(suite, k) and k not in done]
+            evaluate = [k for k in runs if _evaluates(suite, k) and k not in done]
+            print(
+                f"ablation {suite.name}: {len(chosen)} variants × {len(seeds)} seed(s) = "
+                f"{len(runs)} runs ({len(done)} already finished, {len(train)} to train, "
+                f"{len(evaluate)} to evaluate); MLflow experiment {experiment!r} in "
+                f"{display_uri}",
+                flush=True,
+            )
+            if train:
+                failed += _train(suite, runs, train, summary, uri, root, max_concurrent)
+            close_stopped_children(uri, summary)
+            failed += _evaluate_all(suite, runs, evaluate, summary, uri, max_concurrent)
+            result = _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary)
+        except BaseException as e:
+            close_stopped_children(uri, summary)
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            tracking.close_run(uri, summary, status)
+            raise
+        tracking.close_run(uri, summary, "FINISHED")
+    result.failed = failed
+    return result
+
+
+def _evaluates(suite: Suite, key: tuple[str, int]) -> bool:
+    return suite.variant(key[0]).evaluates is not None
+
+
+def _finished_runs(
+    uri: str, experiment: str, runs: dict[tuple[str, int], ExperimentConfig]
+) -> set[tuple[str, int]]:
+    """The (variant, seed) runs MLflow already holds as FINISHED; a same-named run trained with
+    another configuration is an error (its name, and its checkpoints, would be reused)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    by_name = {
+        r.data.tags.get(tracking.RUN_NAME_TAG): r
+        for r in client.search_runs([exp.experiment_id], max_results=5000)
+    }
+    done = set()
+    for key, cfg in runs.items():
+        run = by_name.get(cfg.run.name)
+        if run is None:
+            continue
+        diff = config_diff(cfg, run.data.params)
+        if diff:
+            raise ConfigError(
+                f"MLflow run {cfg.run.name!r} (experiment {experiment!r}) was made with another "
+                f"configuration ({'; '.join(diff[:5])}); ablation run names are fixed, so run "
+                "this ablation in another run directory (--set run.dir=...) or MLflow store "
+                "(--mlflow-uri), or delete that run"
+            )
+        if run.info.status == "FINISHED":
+            done.add(key)
+    return done
+
+
+def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
+    """The runs to train, as one Tune grid over their (variant, seed) pairs."""
+    from ray import tune
+
+    trainable = tune.with_parameters(
+        ablation_trial,
+        configs={runs[k].run.name: runs[k].model_dump(mode="json") for k in todo},
+        suite=suite.name,
+        parent=summary,
+        uri=uri,
+    )
+    # the trial itself only waits for its TorchTrainer: a token CPU share
+    trainable = tune.with_resources(trainable, {"CPU": 0.25})
+    grid = [{"variant": v, "seed": s} for v, s in todo]
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(
+            name=f"ablate-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(root / "ablate" / suite.name / "tune"),
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+    failed = []
+    for result in results:
+        if result.error is not None:
+            run = result.config["run"]
+            name = run_name(suite.name, run["variant"], run["seed"])
+            first = str(result.error).strip().splitlines()[-1:] or ["?"]
+            failed.append(name)
+            print(f"run {name} failed: {first[0]}", flush=True)
+    return failed
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def final_checkpoint(cfg: ExperimentConfig) -> Path:
+    """The last Ray Train checkpoint of run ``cfg.run.name`` (its final epoch: the weights its
+    reported last-epoch metrics come from); ``best.pt`` if Ray's copy is gone."""
+    from finegrain.platform.train import CHECKPOINT_FILE
+
+    root = tracking.run_root(cfg.run.dir)
+    found = sorted((root / "ray" / cfg.run.name).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if found:
+        return found[-1]  # named checkpoint_<timestamp>: the last one sorts last
+    best = root / cfg.run.name / "best.pt"
+    if best.is_file():
+        return best
+    raise FileNotFoundError(
+        f"run {cfg.run.name!r}: no checkpoint under {root / 'ray' / cfg.run.name} "
+        f"and no {best}"
+    )
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig | dict, checkpoint: str | Path) -> dict[str, Any]:
+    """The model of ``cfg`` with ``checkpoint``'s weights, evaluated on the val split as the
+    training loop does (views averaged per video, the same metrics, the same autocast).
+
+    Returns ``{"metrics": {"val_top1": ...}, "epoch": the checkpoint's epoch (1-based)}``.
+    Written here because the training loop's evaluation lives inside its Ray Train worker.
+    """
+    import torch
+
+    from finegrain.datasets.pipeline import iter_clip_batches, to_model_input
+    from finegrain.models import build_model
+    from finegrain.platform.config import validate
+    from finegrain.platform.data import prepare_data
+    from finegrain.platform.metrics import average_views, classification_metrics
+    from finegrain.platform.train import autocast_context
+
+    cfg = validate(cfg) if isinstance(cfg, dict) else cfg
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    use_gpu = cfg.scaling.gpus_per_worker > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    spec = prepare_data(cfg, quiet=True)
+    k = len(spec.classes)
+    model = build_model(cfg.model.method, k, cfg.model.backbone, **cfg.model.options())
+    state = torch.load(checkpoint, map_location="cpu")
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    needs_labels = getattr(model, "needs_labels", False)  # U2S oracle: masks by the true class
+    autocast, _ = autocast_context(cfg, device)
+    logits, labels, ids = [], [], []
+    with torch.no_grad():
+        val = spec.datasets(cfg)["val"]  # lazy: the train split is never read
+        for batch in iter_clip_batches(val, cfg.eval.batch_size, device=device):
+            clips, y = to_model_input(batch["clips"]), batch["labels"]
+            with autocast:
+                output = model(clips, labels=y) if needs_labels else model(clips)
+            logits.append(output.logits.float().cpu())
+            labels.append(y.cpu())
+            ids.extend(batch["video_id"])
+    if not ids:
+        raise RuntimeError("the validation split produced no clips (see the data report)")
+    probs, video_labels, _ = average_views(torch.cat(logits), torch.cat(labels), ids)
+    result = classification_metrics(probs, video_labels, k, spec.classes, spec.class_groups)
+    metrics = {f"val_{n}": float(v) for n, v in result.items() if isinstance(v, int | float)}
+    metrics["val_videos"] = float(len(video_labels))
+    return {"metrics": metrics, "epoch": int(state.get("epoch", -1)) + 1}
+
+
+def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
+    """Evaluation-only rows as Ray tasks (at most ``max_concurrent`` at once), each logged as
+    a run of its own in the suite's experiment."""
+    import ray
+
+    failed, pending = [], {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < max_concurrent:
+            key = queue.pop(0)
+            cfg = runs[key]
+            variant = suite.variant(key[0])
+            ref = runs.get((variant.evaluates, key[1]))
+            try:
+                checkpoint = final_checkpoint(ref)
+            except FileNotFoundError as e:
+                print(f"run {cfg.run.name} skipped: {e}", flush=True)
+                failed.append(cfg.run.name)
+                continue
+            task = ray.remote(
+                num_cpus=cfg.scaling.cpus_per_worker, num_gpus=cfg.scaling.gpus_per_worker
+            )(evaluate_checkpoint)
+            ref_run = _run_id(uri, ref)
+            print(f"evaluating {cfg.run.name} (checkpoint of {ref.run.name})", flush=True)
+            ref_obj = task.remote(cfg.model_dump(mode="json"), str(checkpoint))
+            pending[ref_obj] = (cfg, variant, checkpoint, ref_run)
+        if not pending:
+            continue
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cfg, variant, checkpoint, ref_run = pending.pop(ready[0])
+        cfg.tracking.parent_run_id = summary
+        run_id = _open(
+            cfg,
+            uri,
+            suite.name,
+            variant.name,
+            eval_only="true",
+            evaluated_from=ref_run or "",
+            checkpoint=str(checkpoint),
+        )
+        try:
+            out = ray.get(ready[0])
+        except Exception as e:  # one failed evaluation never stops the suite
+            tracking.close_run(uri, run_id, "FAILED")
+            print(f"run {cfg.run.name} failed: {e}", flush=True)
+            failed.append(cfg.run.name)
+            continue
+        logger = tracking.RunLogger(uri, run_id)
+        logger.text(cfg.to_yaml(), "config.yaml")
+        logger.metrics(out["metrics"], step=out["epoch"])
+        tracking.close_run(uri, run_id, "FINISHED")
+        top1 = 100 * out["metrics"]["val_top1"]
+        print(f"[{cfg.run.name}] val top1 {top1:.1f}% (epoch {out['epoch']})", flush=True)
+    return failed
+
+
+def _run_id(uri: str, cfg: ExperimentConfig) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.run.name}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+# ---------------------------------------------------------------------------------- the table
+
+# MLflow metric (compare's name) → column
+COLUMNS = {
+    "top1": "top-1",
+    "top5": "top-5",
+    "mean_class_acc": "mean class acc",
+    "spatial_top1": "spatial-subtle",
+    "temporal_top1": "temporal-subtle",
+}
+
+
+def suite_table(
+    suite: Suite | str,
+    uri: str,
+    variants: Sequence[Variant] | None = None,
+    *,
+    synthetic: bool = True,
+    run_dir: str = "runs",
+):
+    """One row per variant (suite order): ``<metric>_mean``/``_std`` for each column, ``n``,
+    ``seeds`` and ``runs`` — each metric aggregated by :func:`compare` over the FINISHED runs of
+    the suite's MLflow experiment (its final-epoch value per run)."""
+    import pandas as pd
+
+    from finegrain.platform.compare import CompareError, compare
+
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    variants = list(variants or suite.variants)
+    experiment = experiment_name(suite.name)
+    frames = {}
+    for metric in list(COLUMNS) if synthetic else list(COLUMNS)[:3]:
+        try:
+            df = compare([experiment], metric, uri, ["variant"], run_dir=run_dir)
+        except CompareError:
+            if metric == "top1":
+                raise
+            continue  # no run has it (e.g. no spatial-subtle class in a tiny val split)
+        frames[metric] = df.set_index("variant")
+    top1 = frames["top1"]
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {
+            "table": v.table,
+            "variant": v.name,
+            "setting": v.paper + (f" [eval of {v.evaluates}]" if v.evaluates else ""),
+        }
+        for metric in COLUMNS:
+            frame = frames.get(metric)
+            hit = frame is not None and v.name in frame.index
+            row[f"{metric}_mean"] = float(frame.at[v.name, "mean"]) if hit else math.nan
+            row[f"{metric}_std"] = float(frame.at[v.name, "std"]) if hit else math.nan
+        hit = v.name in top1.index
+        row["n"] = int(top1.at[v.name, "n"]) if hit else 0
+        row["seeds"] = top1.at[v.name, "seeds"] if hit else ""
+        row["runs"] = top1.at[v.name, "runs"] if hit else ""
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs.update(
+        suite=suite.name,
+        title=suite.title,
+        experiment=experiment,
+        uri=uri,
+        columns=[m for m in COLUMNS if m in frames],
+    )
+    top1 = top1.loc[[v.name for v in variants if v.name in top1.index]].reset_index()
+    top1.attrs.update(frames["top1"].attrs)
+    return table, top1
+
+
+def _pct(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
+
+
+def to_markdown(table, setup: str = "") -> str:
+    """The suite's table in the paper's layout (accuracies in %, mean ± std over seeds)."""
+    columns = table.attrs.get("columns", ["top1"])
+    header = ["paper table", "variant", "setting"] + [f"{COLUMNS[m]} (%)" for m in columns]
+    header += ["n", "seeds", "MLflow runs"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":--"] * 3 + ["--:"] * (len(columns) + 1) + [":--", ":--"]) + "|",
+    ]
+    for _, row in table.iterrows():
+        cells = [row["table"], f"`{row['variant']}`", row["setting"]]
+        cells += [_pct(row[f"{m}_mean"], row[f"{m}_std"]) for m in columns]
+        cells += [row["n"], row["seeds"] or "—", row["runs"] or "—"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    caption = (
+        f"**Ablation `{table.attrs.get('suite')}`**: {table.attrs.get('title', '')}. {setup}\n"
+        "Validation accuracy (%) at each run's last epoch, mean ± sample std (n−1) over seeds; "
+        "`[eval of full]` rows evaluate the final checkpoint of the same seed's `full` run. "
+        f"MLflow experiment `{table.attrs.get('experiment')}` in `{table.attrs.get('uri')}`."
+    )
+    return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def _setup_line(base: ExperimentConfig) -> str:
+    d, m = base.data, base.model
+    data = d.dataset
+    if d.dataset == "synthetic":
+        s = d.synthetic
+        data += f" ({s.classes} classes × {s.videos_per_class} videos)"
+    width = f", width {m.width}" if m.width else ""
+    return (
+        f"Data: {data}, {d.num_frames} frames at {d.crop} px; backbone {m.backbone}{width}; "
+        f"{base.optim.epochs} epochs, batch {base.optim.batch_size}, lr {base.optim.lr}."
+    )
+
+
+def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> SuiteResult:
+    from finegrain.platform.compare import bar_chart
+
+    table, top1 = suite_table(
+        suite,
+        uri,
+        chosen,
+        synthetic=base.data.dataset == "synthetic",
+        run_dir=base.run.dir,
+    )
+    table.attrs["uri"] = display_uri
+    top1.attrs["uri"] = display_uri
+    markdown = to_markdown(table, _setup_line(base))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, png = out_dir / "table.md", out_dir / "table.png"
+    bar_chart(top1, png)
+    md.write_text(markdown + f"\n![top-1 per variant]({png.name})\n")
+    table.to_csv(out_dir / "table.csv", index=False)
+    plan = {
+        "suite": suite.name,
+        "seeds": list(seeds),
+        "variants": {
+            v.name: {"overrides": v.overrides, "paper": v.paper, "table": v.table}
+            | ({"evaluates": v.evaluates} if v.evaluates else {})
+            for v in chosen
+        },
+        "base": base.model_dump(mode="json"),
+    }
+    logger = tracking.RunLogger(uri, summary)
+    logger.text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), "suite.yaml")
+    for path in (md, png, out_dir / "table.csv"):
+        logger.artifact(path)
+    return SuiteResult(suite.name, table, markdown, md, png, summary, display_uri, [])
