@@ -77,6 +77,11 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_options(self):
+        if self.width is not None and self.backbone != "tiny":
+            raise ValueError(
+                f"model.width applies to the tiny backbone, not {self.backbone!r} "
+                "(the synthetic configs set it: add model.width=null)"
+            )
         valid = method_options(self.method)
         for key, value in (self.model_extra or {}).items():
             if key not in valid:
@@ -95,8 +100,6 @@ class ModelConfig(BaseModel):
         if self.weights:
             opts["weights"] = self.weights
         if self.width is not None:
-            if self.backbone != "tiny":
-                raise ValueError(f"model.width applies to the tiny backbone, not {self.backbone!r}")
             opts["width"] = self.width
         return opts
 
