@@ -360,6 +360,7 @@ def run_suite(
     max_concurrent: int = 2,
 ) -> SuiteResult:
     """Train (and evaluate) ``variants`` × ``seeds`` of ``suite``; write and log its table."""
+    from finegrain.datasets.pipeline import bad_videos
     from finegrain.platform.data import prepare_data
     from finegrain.platform.train import ensure_ray
     from finegrain.platform.tune import close_stopped_children, tracking_server
@@ -378,6 +379,11 @@ def run_suite(
     for cfg in {c.data.model_dump_json(): c for c in runs.values()}.values():
         prepare_data(cfg)  # once, in the driver: the runs find the shards cached
     ensure_ray(base, concurrent_runs=max_concurrent)
+    _check_cpus(base, max_concurrent)
+    # The pipeline's named bad-video log is owned by whoever creates it first; created here,
+    # the driver owns it for the whole suite (a trial or evaluation task that created it
+    # would take it down when it ends, under the feet of the runs still using it).
+    bad_videos()
 
     root = tracking.run_root(base.run.dir)
     out_dir = root / "ablate" / suite.name
@@ -414,8 +420,33 @@ def run_suite(
             tracking.close_run(uri, summary, status)
             raise
         tracking.close_run(uri, summary, "FINISHED")
+    bad = bad_videos()
+    if bad["count"]:
+        names = ", ".join(f"{b['split']}/{b['video_id']}" for b in bad["first"])
+        print(f"note: {bad['count']} video(s) could not be decoded and were skipped: {names}")
     result.failed = failed
     return result
+
+
+def _check_cpus(base: ExperimentConfig, max_concurrent: int) -> None:
+    """Warn when the cluster's CPUs cannot hold ``max_concurrent`` runs at once: each run's
+    trainer workers, decode actors and read tasks need theirs, and runs that each got only part
+    of them wait on one another. (A warning, not a cap: an autoscaling cluster grows.)"""
+    import ray
+
+    per_run = (
+        base.scaling.workers * base.scaling.cpus_per_worker
+        + base.data.decode_actors * base.data.decode_cpus
+        + 0.75  # Parquet read tasks and the Tune trial's own share
+    )
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if max_concurrent > 1 and cpus < max_concurrent * per_run:
+        print(
+            f"warning: the Ray cluster has {cpus:g} CPUs; {max_concurrent} concurrent runs need "
+            f"about {max_concurrent * per_run:g} ({per_run:g} each). Unless it autoscales, "
+            "lower --max-concurrent: runs holding part of their CPUs wait on one another.",
+            flush=True,
+        )
 
 
 def _evaluates(suite: Suite, key: tuple[str, int]) -> bool:
@@ -507,8 +538,7 @@ def final_checkpoint(cfg: ExperimentConfig) -> Path:
     if best.is_file():
         return best
     raise FileNotFoundError(
-        f"run {cfg.run.name!r}: no checkpoint under {root / 'ray' / cfg.run.name} "
-        f"and no {best}"
+        f"run {cfg.run.name!r}: no checkpoint under {root / 'ray' / cfg.run.name} and no {best}"
     )
 
 
@@ -606,13 +636,26 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
             print(f"run {cfg.run.name} failed: {e}", flush=True)
             failed.append(cfg.run.name)
             continue
-        logger = tracking.RunLogger(uri, run_id)
+        logger = _logger(uri, run_id)
         logger.text(cfg.to_yaml(), "config.yaml")
         logger.metrics(out["metrics"], step=out["epoch"])
         tracking.close_run(uri, run_id, "FINISHED")
         top1 = 100 * out["metrics"]["val_top1"]
         print(f"[{cfg.run.name}] val top1 {top1:.1f}% (epoch {out['epoch']})", flush=True)
     return failed
+
+
+def _logger(uri: str, run_id: str) -> tracking.RunLogger:
+    """A RunLogger for ``run_id`` whose artifacts go to ``uri``'s server.
+
+    MLflow caches a run's artifact repository by run id alone (``_artifact_repos_cache``), so
+    a run reopened in the same process under a new local ``mlflow server`` (another port) would
+    still upload to the old, stopped one: drop that entry first.
+    """
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+    getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(run_id, None)
+    return tracking.RunLogger(uri, run_id)
 
 
 def _run_id(uri: str, cfg: ExperimentConfig) -> str | None:
@@ -720,11 +763,16 @@ def to_markdown(table, setup: str = "") -> str:
         cells += [_pct(row[f"{m}_mean"], row[f"{m}_std"]) for m in columns]
         cells += [row["n"], row["seeds"] or "—", row["runs"] or "—"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    evals = table["setting"].str.contains(r"\[eval of ", regex=True).any()
     caption = (
         f"**Ablation `{table.attrs.get('suite')}`**: {table.attrs.get('title', '')}. {setup}\n"
-        "Validation accuracy (%) at each run's last epoch, mean ± sample std (n−1) over seeds; "
-        "`[eval of full]` rows evaluate the final checkpoint of the same seed's `full` run. "
-        f"MLflow experiment `{table.attrs.get('experiment')}` in `{table.attrs.get('uri')}`."
+        "Validation accuracy (%) at each run's last epoch, mean ± sample std (n−1) over seeds"
+        + (
+            "; `[eval of full]` rows evaluate the final checkpoint of the same seed's `full` run"
+            if evals
+            else ""
+        )
+        + f". MLflow experiment `{table.attrs.get('experiment')}` in `{table.attrs.get('uri')}`."
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
@@ -738,7 +786,7 @@ def _setup_line(base: ExperimentConfig) -> str:
     width = f", width {m.width}" if m.width else ""
     return (
         f"Data: {data}, {d.num_frames} frames at {d.crop} px; backbone {m.backbone}{width}; "
-        f"{base.optim.epochs} epochs, batch {base.optim.batch_size}, lr {base.optim.lr}."
+        f"{base.optim.epochs} epoch(s), batch {base.optim.batch_size}, lr {base.optim.lr}."
     )
 
 
@@ -770,7 +818,7 @@ def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> S
         },
         "base": base.model_dump(mode="json"),
     }
-    logger = tracking.RunLogger(uri, summary)
+    logger = _logger(uri, summary)
     logger.text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), "suite.yaml")
     for path in (md, png, out_dir / "table.csv"):
         logger.artifact(path)
