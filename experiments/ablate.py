@@ -17,10 +17,14 @@ A bad option exits with 2 before anything starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# MLflow's telemetry thread sets and unsets an environment variable while the main thread's HTTP
+# requests iterate os.environ (requests' proxy lookup): a KeyError that fails an MLflow call.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from finegrain.platform.ablate import SUITE_CHOICES  # noqa: E402
 from finegrain.platform.config import ConfigError  # noqa: E402
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
             )
             ablate.check_suite(base, suite, ablate.select(suite, args.variants))
             plans.append((suite, base))
+        for suite, base in plans:  # and no run name is taken by a run of another config
+            ablate.check_existing(base, suite, seeds=range(args.seeds), variants=args.variants)
     except (ConfigError, ValueError) as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2

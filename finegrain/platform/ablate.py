@@ -449,6 +449,23 @@ def _check_cpus(base: ExperimentConfig, max_concurrent: int) -> None:
         )
 
 
+def check_existing(
+    base: ExperimentConfig,
+    suite: Suite | str,
+    *,
+    seeds: Sequence[int],
+    variants: Sequence[str] | None = None,
+) -> int:
+    """Before anything runs: the number of runs MLflow already holds as FINISHED; a same-named
+    run made with another configuration raises :class:`ConfigError` (``--suite all`` checks
+    every suite up front instead of failing at the fifth)."""
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
+    chosen = select(suite, variants)
+    runs = {(v.name, s): variant_config(base, suite, v, s) for v in chosen for s in seeds}
+    return len(_finished_runs(uri, experiment_name(suite.name), runs))
+
+
 def _evaluates(suite: Suite, key: tuple[str, int]) -> bool:
     return suite.variant(key[0]).evaluates is not None
 
@@ -591,7 +608,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig | dict, checkpoint: str | Path) ->
 
 def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
     """Evaluation-only rows as Ray tasks (at most ``max_concurrent`` at once), each logged as
-    a run of its own in the suite's experiment."""
+    a run of its own in the suite's experiment, next to the run it evaluates."""
     import ray
 
     failed, pending = [], {}
@@ -599,11 +616,13 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
     while queue or pending:
         while queue and len(pending) < max_concurrent:
             key = queue.pop(0)
-            cfg = runs[key]
-            variant = suite.variant(key[0])
-            ref = runs.get((variant.evaluates, key[1]))
+            cfg, variant = runs[key], suite.variant(key[0])
+            trained = runs[(variant.evaluates, key[1])]
+            trained_id, status = _run_status(uri, trained)
             try:
-                checkpoint = final_checkpoint(ref)
+                if status != "FINISHED":
+                    raise FileNotFoundError(f"run {trained.run.name!r} is {status}, not FINISHED")
+                checkpoint = final_checkpoint(trained)
             except FileNotFoundError as e:
                 print(f"run {cfg.run.name} skipped: {e}", flush=True)
                 failed.append(cfg.run.name)
@@ -611,26 +630,18 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
             task = ray.remote(
                 num_cpus=cfg.scaling.cpus_per_worker, num_gpus=cfg.scaling.gpus_per_worker
             )(evaluate_checkpoint)
-            ref_run = _run_id(uri, ref)
-            print(f"evaluating {cfg.run.name} (checkpoint of {ref.run.name})", flush=True)
-            ref_obj = task.remote(cfg.model_dump(mode="json"), str(checkpoint))
-            pending[ref_obj] = (cfg, variant, checkpoint, ref_run)
+            print(f"evaluating {cfg.run.name} (checkpoint of {trained.run.name})", flush=True)
+            ref = task.remote(cfg.model_dump(mode="json"), str(checkpoint))
+            pending[ref] = (cfg, variant, checkpoint, trained_id)
         if not pending:
             continue
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        cfg, variant, checkpoint, ref_run = pending.pop(ready[0])
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        cfg, variant, checkpoint, trained_id = pending.pop(ready)
         cfg.tracking.parent_run_id = summary
-        run_id = _open(
-            cfg,
-            uri,
-            suite.name,
-            variant.name,
-            eval_only="true",
-            evaluated_from=ref_run or "",
-            checkpoint=str(checkpoint),
-        )
+        tags = {"eval_only": "true", "evaluated_from": trained_id, "checkpoint": str(checkpoint)}
+        run_id = _open(cfg, uri, suite.name, variant.name, **tags)
         try:
-            out = ray.get(ready[0])
+            out = ray.get(ready)
         except Exception as e:  # one failed evaluation never stops the suite
             tracking.close_run(uri, run_id, "FAILED")
             print(f"run {cfg.run.name} failed: {e}", flush=True)
@@ -658,19 +669,18 @@ def _logger(uri: str, run_id: str) -> tracking.RunLogger:
     return tracking.RunLogger(uri, run_id)
 
 
-def _run_id(uri: str, cfg: ExperimentConfig) -> str | None:
+def _run_status(uri: str, cfg: ExperimentConfig) -> tuple[str, str]:
+    """(run id, status) of the MLflow run named ``cfg.run.name``; ("", "MISSING") if none."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    found = client.search_runs(
+    found = exp and client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.run.name}'",
         max_results=1,
     )
-    return found[0].info.run_id if found else None
+    return (found[0].info.run_id, found[0].info.status) if found else ("", "MISSING")
 
 
 # ---------------------------------------------------------------------------------- the table
