@@ -9,16 +9,25 @@ The driver opens the run (``open_run``) and closes it with FINISHED, FAILED or K
 (``close_run``), so a run is never left RUNNING even when a worker dies; rank 0 of the training
 loop logs metrics and artifacts into it through :class:`RunLogger`. Re-running with the same run
 name reuses the same MLflow run (the training resumes from its checkpoint), so curves continue.
+
+A store only the driver's machine can reach — the embedded SQLite file, or a server on
+127.0.0.1 such as the sweep's own or the one ``ray_cluster.yaml`` starts on the head — is
+reached from the other nodes of a cluster through a relay: ``start_relay`` puts a small Ray actor
+on the driver's node, and :func:`client` hands every process elsewhere a client whose calls that
+actor makes (files travel as bytes). So rank 0 on a GPU node logs to the head's loopback server.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -101,7 +110,7 @@ def open_run(
     parent_run_id: str | None = None,
 ) -> str:
     """Create the run named ``run_name`` (or reuse it: resume) and return its id."""
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     exp_id = get_experiment_id(client, experiment, run_dir)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
@@ -129,18 +138,26 @@ def close_run(uri: str, run_id: str, status: str) -> None:
     """End the run as FINISHED, FAILED or KILLED."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    tracking_client(uri).set_terminated(run_id, status=status)
 
 
 def run_status(uri: str, run_id: str) -> str:
-    return MlflowClient(uri).get_run(run_id).info.status
+    return tracking_client(uri).get_run(run_id).info.status
 
 
 class RunLogger:
-    """What rank 0 uses to log into an open run (metrics, files, figures, text)."""
+    """What rank 0 uses to log into an open run (metrics, files, figures, text).
+
+    MLflow caches a run's artifact repository by run id alone (``_artifact_repos_cache``), so a
+    run reopened in the same process under a new local ``mlflow server`` (another port) would
+    still upload to the old, stopped one: the entry is dropped first.
+    """
 
     def __init__(self, uri: str, run_id: str) -> None:
-        self.client = MlflowClient(uri)
+        from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+        getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(run_id, None)
+        self.client = tracking_client(uri)
         self.run_id = run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -174,6 +191,137 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(path), folder or None)
 
 
+# ------------------------------------------------------------------------------------ relay
+
+
+def is_local(uri: str) -> bool:
+    """Only the driver's machine reaches it: a SQLite file or a server on the loopback."""
+    if uri.startswith("sqlite:"):
+        return True
+    host = urlparse(uri).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def _relay_name(uri: str) -> str:
+    return "finegrain-mlflow-" + hashlib.sha1(uri.encode()).hexdigest()[:12]
+
+
+def _write_files(files: dict[str, bytes], into: Path) -> None:
+    for rel, data in files.items():
+        path = into / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+class _Relay:
+    """Ray actor on the driver's node: MLflow calls on behalf of processes on other nodes."""
+
+    def __init__(self, uri: str) -> None:
+        self.client = MlflowClient(uri)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        return getattr(self.client, method)(*args, **kwargs)
+
+    def log_files(self, run_id: str, files: dict[str, bytes], folder: str | None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            _write_files(files, Path(d))
+            self.client.log_artifacts(run_id, d, folder)
+
+
+class RelayedClient:
+    """The ``MlflowClient`` methods we use, made by the relay actor on the driver's node.
+
+    Paths and figures are local to the caller: they are read (rendered) here and sent as bytes.
+    """
+
+    def __init__(self, uri: str, relay) -> None:
+        self.tracking_uri, self._relay = uri, relay
+
+    def __getattr__(self, method: str):
+        import ray
+
+        def call(*args, **kwargs):
+            return ray.get(self._relay.call.remote(method, args, kwargs))
+
+        return call
+
+    def log_files(self, run_id: str, files: dict[str, bytes], folder: str | None = None) -> None:
+        import ray
+
+        ray.get(self._relay.log_files.remote(run_id, files, folder))
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
+        path = Path(local_path)
+        self.log_files(run_id, {path.name: path.read_bytes()}, artifact_path)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None):
+        root = Path(local_dir)
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        self.log_files(run_id, files, artifact_path)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str, **_) -> None:
+        buf = io.BytesIO()
+        figure.savefig(buf, format=Path(artifact_file).suffix.lstrip(".") or "png")
+        folder, _, base = artifact_file.rpartition("/")
+        self.log_files(run_id, {base: buf.getvalue()}, folder or None)
+
+
+def start_relay(uri: str) -> None:
+    """In the driver, with Ray up: the relay for ``uri`` on this node, if ``uri`` is local."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not is_local(uri) or not ray.is_initialized() or uri in _OWNED:
+        return
+    node = ray.get_runtime_context().get_node_id()
+    relay = (
+        ray.remote(_Relay)
+        .options(
+            name=_relay_name(uri),
+            get_if_exists=True,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        )
+        .remote(uri)
+    )
+    ray.get(relay.node.remote())  # up before any worker looks for it
+    _OWNED[uri] = relay  # the handle keeps it alive as long as this driver
+
+
+def tracking_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` — through the driver's relay on another node of a cluster."""
+    relay = _find_relay(uri)
+    return MlflowClient(uri) if relay is None else RelayedClient(uri, relay)
+
+
+_RELAYS: dict[str, Any] = {}  # uri → relay handle (None: reach the store directly)
+_OWNED: dict[str, Any] = {}  # the relays this driver started
+
+
+def _find_relay(uri: str):
+    """The relay actor when ``uri`` is local to another node than this process's; else None."""
+    if not is_local(uri):
+        return None
+    if uri not in _RELAYS:
+        _RELAYS[uri] = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                actor = ray.get_actor(_relay_name(uri))
+                here = ray.get_runtime_context().get_node_id()
+                if ray.get(actor.node.remote()) != here:
+                    _RELAYS[uri] = actor
+        except ValueError:  # no relay: a single machine, or no driver started one
+            pass
+    return _RELAYS[uri]
+
+
 def _free_port() -> int:
     import socket
 
@@ -189,6 +337,8 @@ class LocalServer:
     server process with one worker serializes the writes, and every trial logs over HTTP.
     Artifacts are proxied by the server into ``artifacts``.
     """
+
+    start_timeout = 300.0  # seconds; a loaded 2-core machine has taken over 2 minutes
 
     def __init__(self, backend_uri: str, artifacts: Path, log: Path) -> None:
         self.backend_uri, self.artifacts, self.log = backend_uri, artifacts, log
@@ -209,9 +359,15 @@ class LocalServer:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ]  # fmt: skip
         self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in __exit__)
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
+        # no job runner (MLflow's GenAI jobs: a huey consumer per server), no telemetry thread
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self.uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        deadline = time.time() + self.start_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited at start; see {self.log}")
@@ -223,7 +379,8 @@ class LocalServer:
                 time.sleep(0.5)
         self.__exit__(None, None, None)
         raise RuntimeError(
-            f"mlflow server did not answer on {self.uri} within 120 s; see {self.log}"
+            f"mlflow server did not answer on {self.uri} within {self.start_timeout:.0f} s; "
+            f"see {self.log}"
         )
 
     def __exit__(self, *exc) -> None:
