@@ -65,7 +65,7 @@ def main(argv=None, method: str | None = None) -> int:
         )
         from finegrain.platform.tune import load_space
 
-        space = load_space(args.space, args.method)
+        space = load_space(args.space, args.method, base.optim.optimizer)
     except (ConfigError, ValueError, OSError) as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2

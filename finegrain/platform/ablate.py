@@ -360,8 +360,7 @@ def run_suite(
     max_concurrent: int = 2,
 ) -> SuiteResult:
     """Train (and evaluate) ``variants`` × ``seeds`` of ``suite``; write and log its table."""
-    from finegrain.datasets.pipeline import bad_videos
-    from finegrain.platform.data import prepare_data
+    from finegrain.platform.data import bad_video_note, own_bad_video_log, prepare_data
     from finegrain.platform.train import ensure_ray
     from finegrain.platform.tune import close_stopped_children, tracking_server
 
@@ -380,10 +379,7 @@ def run_suite(
         prepare_data(cfg)  # once, in the driver: the runs find the shards cached
     ensure_ray(base, concurrent_runs=max_concurrent)
     _check_cpus(base, max_concurrent)
-    # The pipeline's named bad-video log is owned by whoever creates it first; created here,
-    # the driver owns it for the whole suite (a trial or evaluation task that created it
-    # would take it down when it ends, under the feet of the runs still using it).
-    bad_videos()
+    own_bad_video_log()
 
     root = tracking.run_root(base.run.dir)
     out_dir = root / "ablate" / suite.name
@@ -420,10 +416,9 @@ def run_suite(
             tracking.close_run(uri, summary, status)
             raise
         tracking.close_run(uri, summary, "FINISHED")
-    bad = bad_videos()
-    if bad["count"]:
-        names = ", ".join(f"{b['split']}/{b['video_id']}" for b in bad["first"])
-        print(f"note: {bad['count']} video(s) could not be decoded and were skipped: {names}")
+    count, note = bad_video_note()
+    if count:
+        print(f"note: {note}")
     result.failed = failed
     return result
 
@@ -475,9 +470,7 @@ def _finished_runs(
 ) -> set[tuple[str, int]]:
     """The (variant, seed) runs MLflow already holds as FINISHED; a same-named run trained with
     another configuration is an error (its name, and its checkpoints, would be reused)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking.tracking_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
@@ -647,7 +640,7 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
             print(f"run {cfg.run.name} failed: {e}", flush=True)
             failed.append(cfg.run.name)
             continue
-        logger = _logger(uri, run_id)
+        logger = tracking.RunLogger(uri, run_id)
         logger.text(cfg.to_yaml(), "config.yaml")
         logger.metrics(out["metrics"], step=out["epoch"])
         tracking.close_run(uri, run_id, "FINISHED")
@@ -656,24 +649,9 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
     return failed
 
 
-def _logger(uri: str, run_id: str) -> tracking.RunLogger:
-    """A RunLogger for ``run_id`` whose artifacts go to ``uri``'s server.
-
-    MLflow caches a run's artifact repository by run id alone (``_artifact_repos_cache``), so
-    a run reopened in the same process under a new local ``mlflow server`` (another port) would
-    still upload to the old, stopped one: drop that entry first.
-    """
-    from mlflow.tracking._tracking_service import utils as mlflow_utils
-
-    getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(run_id, None)
-    return tracking.RunLogger(uri, run_id)
-
-
 def _run_status(uri: str, cfg: ExperimentConfig) -> tuple[str, str]:
     """(run id, status) of the MLflow run named ``cfg.run.name``; ("", "MISSING") if none."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking.tracking_client(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     found = exp and client.search_runs(
         [exp.experiment_id],
@@ -828,7 +806,7 @@ def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> S
         },
         "base": base.model_dump(mode="json"),
     }
-    logger = _logger(uri, summary)
+    logger = tracking.RunLogger(uri, summary)
     logger.text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), "suite.yaml")
     for path in (md, png, out_dir / "table.csv"):
         logger.artifact(path)

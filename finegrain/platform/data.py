@@ -48,6 +48,7 @@ class DataSpec:
         # per-operator progress bars from every trainer would drown the per-epoch lines
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        context.print_on_execution_start = False  # nor its 3 lines per split per epoch
         # same seed → same batches: blocks are yielded in order, not as tasks finish
         context.execution_options.preserve_order = True
 
@@ -105,3 +106,28 @@ def load_spec(out: Path) -> DataSpec:
     groups_file = out / "class_groups.json"
     groups = json.loads(groups_file.read_text()) if groups_file.is_file() else {}
     return DataSpec(out, classes, groups)
+
+
+def own_bad_video_log() -> None:
+    """Create the pipeline's named bad-video log in this process (the driver), so that it lives
+    as long as the whole job: created by a trial, it would die with that trial, under the feet
+    of the others."""
+    from finegrain.datasets.pipeline import bad_videos
+
+    bad_videos()
+
+
+def bad_video_note() -> tuple[int, str]:
+    """(count, a one-line note naming the first skipped videos) of the job's bad videos."""
+    from finegrain.datasets.pipeline import bad_videos
+
+    bad = bad_videos()
+    if not bad["count"]:
+        return 0, ""
+    names = ", ".join(f"{b['split']}/{b['video_id']} ({b['error']})" for b in bad["first"])
+    more = (
+        f" and {bad['count'] - len(bad['first'])} more" if bad["count"] > len(bad["first"]) else ""
+    )
+    return bad[
+        "count"
+    ], f"{bad['count']} video(s) could not be decoded and were skipped: {names}{more}"

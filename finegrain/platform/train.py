@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -43,7 +44,8 @@ from finegrain.models import build_model
 from finegrain.models.base import FineGrainModel, TrainingStage, trainable_parameters
 from finegrain.platform import tracking
 from finegrain.platform.config import ExperimentConfig
-from finegrain.platform.data import DataSpec, prepare_data
+from finegrain.platform.data import DataSpec, bad_video_note, own_bad_video_log, prepare_data
+from finegrain.platform.logs import quiet_worker_logs
 from finegrain.platform.metrics import average_views, classification_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -75,6 +77,8 @@ def run_experiment(
     check_model(cfg)
     data = prepare_data(cfg, quiet=quiet)
     ensure_ray(cfg)
+    tracking.start_relay(uri)  # a store on this machine, workers on others: they log through it
+    own_bad_video_log()  # (in a sweep's trial this finds the sweep driver's)
 
     run_id = tracking.open_run(
         uri,
@@ -103,6 +107,11 @@ def run_experiment(
         status = "KILLED"
         raise
     finally:
+        count, note = bad_video_note()
+        if count:  # reported, never silently dropped: on the console and in the run
+            print(f"[{run_name}] note: {note}", flush=True)
+            logger.metrics({"bad_videos": count}, step=0)
+            logger.text(note + "\n", "bad_videos.txt")
         tracking.close_run(uri, run_id, status)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return RunResult(run_id, run_name, uri, metrics, root / run_name)
@@ -154,6 +163,7 @@ def ensure_ray(cfg: ExperimentConfig, concurrent_runs: int = 1) -> None:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
         include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": quiet_worker_logs},
         log_to_driver=True,
         configure_logging=True,
         logging_level="warning",
@@ -202,6 +212,15 @@ def build_trainer(
 
 
 # ---------------------------------------------------------------------------------- worker
+
+
+def say(message: str) -> None:
+    """One line of a worker's progress on the driver's console, once.
+
+    Train V2 patches ``print`` to tee into its logger, which Ray also forwards to the driver:
+    every line would show twice. Writing to the process's real stdout is forwarded once.
+    """
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def quiet_ray_logs() -> None:
@@ -404,9 +423,7 @@ class _Loop:
             if self.scaler and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
         if self.rank == 0:
-            print(
-                f"[{self.config['run_name']}] resumed at epoch {self.start_epoch + 1}", flush=True
-            )
+            say(f"[{self.config['run_name']}] resumed at epoch {self.start_epoch + 1}")
 
     def save(self, epoch: int, metrics: dict, is_best: bool) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -479,7 +496,7 @@ class _Loop:
                 and self.cfg.run.log_every
                 and self.global_step % self.cfg.run.log_every == 0
             ):
-                print(f"  step {self.global_step} loss {loss.item():.4f}", flush=True)
+                say(f"  step {self.global_step} loss {loss.item():.4f}")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         self.scheduler.step()
         elapsed = time.perf_counter() - start
@@ -545,8 +562,16 @@ class _Loop:
         values = torch.cat(gathered)
         return (values.max() - values.min()).item()
 
+    def record_placement(self) -> None:
+        """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order)."""
+        nodes: list[str | None] = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if self.rank == 0:
+            self.logger.tags({"worker_nodes": ",".join(nodes)})
+
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
+        self.record_placement()
         self.restore()
         run_start = time.perf_counter()
         for epoch in range(self.start_epoch, self.total_epochs):
@@ -575,12 +600,11 @@ class _Loop:
         per_epoch = (time.perf_counter() - run_start) / done
         eta = per_epoch * (self.total_epochs - epoch - 1)
         stage = self.stages[metrics["stage"]].name
-        print(
+        say(
             f"[{self.config['run_name']}] epoch {epoch + 1}/{self.total_epochs} ({stage}) "
             f"loss {metrics['train_loss']:.3f} val top1 {100 * val['top1']:.1f}% "
             f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
-            f"ETA {eta:.0f}s",
-            flush=True,
+            f"ETA {eta:.0f}s"
         )
         self.logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
         last = epoch + 1 == self.total_epochs

@@ -26,9 +26,15 @@ import yaml
 from finegrain.platform import tracking
 from finegrain.platform.config import ConfigError, ExperimentConfig, validate
 
+# The shared learning-rate and weight-decay ranges, per optimizer: SGD with momentum wants rates
+# some 20x larger than AdamW, and AdamW's decoupled decay is used 10-100x stronger.
 LR_WD = {
     "optim.lr": {"type": "loguniform", "low": 3e-3, "high": 0.2},
     "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+}
+LR_WD_ADAMW = {
+    "optim.lr": {"type": "loguniform", "low": 3e-4, "high": 1e-2},
+    "optim.weight_decay": {"type": "loguniform", "low": 1e-3, "high": 0.1},
 }
 
 DEFAULT_SPACES: dict[str, dict[str, dict]] = {
@@ -87,9 +93,11 @@ def to_tune_space(space: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def load_space(path: str | None, method: str) -> dict[str, dict]:
+def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[str, dict]:
+    """The YAML file's space, else the method's default with ``optimizer``'s LR/WD ranges."""
     if path is None:
-        return DEFAULT_SPACES[method]
+        space = DEFAULT_SPACES[method]
+        return {**space, **LR_WD_ADAMW} if optimizer == "adamw" else space
     raw = yaml.safe_load(Path(path).read_text()) or {}
     space = raw.get("space", raw)
     if not isinstance(space, dict) or not space:
@@ -167,7 +175,7 @@ def run_sweep(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from finegrain.platform.data import prepare_data
+    from finegrain.platform.data import bad_video_note, own_bad_video_log, prepare_data
     from finegrain.platform.train import check_model, ensure_ray
 
     method = base.model.method
@@ -187,6 +195,7 @@ def run_sweep(
     check_model(base)
     prepare_data(base)  # once, in the driver: the trials find the shards cached
     ensure_ray(base, concurrent_runs=max_concurrent)
+    own_bad_video_log()
 
     with tracking_server(base) as uri:
         parent = _parent_run(uri, base, name, space, num_samples)
@@ -243,6 +252,9 @@ def run_sweep(
         baseline_top1 = _baseline(base, uri, parent, name) if baseline else None
         _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1)
         tracking.close_run(uri, parent, "FINISHED")
+    count, note = bad_video_note()
+    if count:
+        print(f"note: {note}", flush=True)
     return SweepResult(
         name, parent, best_params, best_top1, baseline_top1, _display_uri(base), table
     )
@@ -254,14 +266,20 @@ def _display_uri(base: ExperimentConfig) -> str:
 
 @contextlib.contextmanager
 def tracking_server(base: ExperimentConfig):
-    """The HTTP URI trials log to: the configured server, or a local one over the SQLite store."""
+    """The HTTP URI trials log to: the configured server, or a local one over the SQLite store.
+
+    Ray must be up: a server on this machine's loopback gets its relay (``tracking.start_relay``)
+    so that trials and rank-0 workers on other nodes reach it.
+    """
     uri = _display_uri(base)
     if not uri.startswith("sqlite:"):
+        tracking.start_relay(uri)  # a server on this machine's loopback: other nodes need it
         yield uri
         return
     root = tracking.run_root(base.run.dir)
     server = tracking.LocalServer(uri, tracking.artifact_root(base.run.dir), root / "mlflow.log")
     with server as http_uri:
+        tracking.start_relay(http_uri)
         yield http_uri
 
 
@@ -294,9 +312,7 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
 
 def close_stopped_children(uri: str, parent: str) -> None:
     """Trials stopped by ASHA (or the time budget) die with their actor: end them as KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = tracking.tracking_client(uri)
     parent_run = client.get_run(parent)
     children = client.search_runs(
         [parent_run.info.experiment_id],
