@@ -28,6 +28,7 @@ TINY = [
     "data.crop=32",
     "optim.batch_size=4",
     "optim.epochs=1",
+    "model.width=4",
     "optim.warmup_epochs=0",
     "eval.batch_size=8",
     "scaling.workers=2",

@@ -1,0 +1,144 @@
+"""Ablation suites (issue 6 §3): suite definitions, errors, and one 2 × 2 suite end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from finegrain.platform import ablate
+from finegrain.platform.config import ConfigError
+from finegrain.platform.tracking import RUN_NAME_TAG, resolve_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.synthetic.classes=4",
+    "data.synthetic.videos_per_class=4",
+    "data.synthetic.size=32",
+    "data.num_frames=4",
+    "data.short_side=32",
+    "data.crop=32",
+    "optim.batch_size=4",
+    "optim.epochs=1",
+    "model.width=4",
+    "eval.batch_size=8",
+    "scaling.cpus_per_worker=0.5",
+    "data.decode_cpus=0.5",
+]
+
+
+@pytest.mark.parametrize("name", list(ablate.SUITES))
+def test_every_suite_builds_valid_configs(name):
+    suite = ablate.get_suite(name)
+    names = [v.name for v in suite.variants]
+    assert len(set(names)) == len(names)
+    base = ablate.load_base(suite)  # tune_synthetic: 8 frames (DSTS), 4 epochs (U2S: 3 stages)
+    ablate.check_suite(base, suite, suite.variants)  # validate + build + a dummy clip, no training
+    for v in suite.variants:
+        cfg = ablate.variant_config(base, suite, v, seed=2)
+        assert cfg.run.name == f"ablate-{name}-{v.name}-s2" and cfg.run.seed == 2
+        assert cfg.tracking.experiment == f"ablate-{name}"
+        for key, value in {**v.overrides}.items():
+            section, _, option = key.partition(".")
+            assert getattr(getattr(cfg, section), option) == value
+        if v.evaluates:  # evaluation-only rows: the trained row's config + their own options
+            ref = ablate.variant_config(base, suite, suite.variant(v.evaluates), seed=2)
+            assert cfg.model.model_dump() == {**ref.model.model_dump(), **cfg.model.model_extra}
+
+
+def test_unknown_suite_variant_and_bad_epochs_are_clear_errors(capsys):
+    with pytest.raises(ConfigError, match=r"--suite 'nope'.*valid: dsts, u2s"):
+        ablate.get_suite("nope")
+    with pytest.raises(ConfigError, match=r"'nope': not a variant of suite 'dfb'; valid: gb, "):
+        ablate.select(ablate.get_suite("dfb"), ["nope"])
+    u2s = ablate.get_suite("u2s")
+    assert [v.name for v in ablate.select(u2s, ["oracle"])] == ["full", "oracle"]
+    with pytest.raises(ConfigError, match=r"variant 'full': optim.epochs=2 is fewer than"):
+        ablate.check_suite(ablate.load_base(u2s, epochs=2), u2s, ablate.select(u2s, ["full"]))
+    cli = _load_cli()  # the CLI exits 2 with the message, before Ray or MLflow start
+    assert cli.main(["--suite", "dfb", "--variants", "nope"]) == 2
+    assert "not a variant of suite 'dfb'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "nope"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "experiments/ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_path, capsys):
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    try:
+        base = ablate.load_base("dfb", None, [*TINY, f"run.dir={tmp_path}"])
+        # two runs at once: half a logical CPU for each trainer and decode actor fits both in 4
+        result = ablate.run_suite(
+            "dfb", base, seeds=[0, 1], variants=["gb", "gb_df"], max_concurrent=2
+        )
+        assert result.failed == []
+        table = result.table
+        assert table["variant"].tolist() == ["gb", "gb_df"] and table["n"].tolist() == [2, 2]
+
+        client = MlflowClient(resolve_tracking_uri(None, tmp_path))
+        exp = client.get_experiment_by_name("ablate-dfb")
+        runs = client.search_runs([exp.experiment_id])
+        seeds = [r for r in runs if r.data.tags.get("ablation") != "summary"]
+        assert sorted(r.data.tags[RUN_NAME_TAG] for r in seeds) == [
+            f"ablate-dfb-{v}-s{s}" for v in ("gb", "gb_df") for s in (0, 1)
+        ]
+        lines = result.markdown_path.read_text().splitlines()
+        for row in table.itertuples():
+            mine = [r for r in seeds if r.data.tags["variant"] == row.variant]
+            assert {r.data.tags["suite"] for r in mine} == {"dfb"}
+            assert sorted(r.data.params["run.seed"] for r in mine) == ["0", "1"]
+            top1 = [r.data.metrics["val_top1"] for r in mine]
+            assert row.top1_mean == pytest.approx(statistics.mean(top1))
+            assert row.top1_std == pytest.approx(statistics.stdev(top1))
+            top5 = [r.data.metrics["val_top5"] for r in mine]
+            assert row.top5_mean == pytest.approx(statistics.mean(top5))
+            cell = f"{100 * statistics.mean(top1):.1f} ± {100 * statistics.stdev(top1):.1f}"
+            assert any(f"`{row.variant}`" in line and cell in line for line in lines)
+        assert sum(line.startswith("| 1 | `") for line in lines) == 2  # 2 rows (paper Table 1)
+        assert result.png_path.stat().st_size > 0
+
+        summary = client.get_run(result.summary_run_id)
+        assert summary.data.tags["ablation"] == "summary" and summary.info.status == "FINISHED"
+        # artifacts went through the suite's mlflow server into <run dir>/mlartifacts
+        folder = next((tmp_path / "mlartifacts").glob(f"*/{result.summary_run_id}/artifacts"))
+        assert {"table.md", "table.png", "suite.yaml"} <= {p.name for p in folder.iterdir()}
+        assert (folder / "table.md").read_text() == result.markdown_path.read_text()
+
+        # the evaluation path (U2S's oracle / fusion rows) reproduces a run's own val metrics
+        cfg = ablate.variant_config(
+            base, ablate.get_suite("dfb"), ablate.SUITES["dfb"].variants[0], 0
+        )
+        task = ray.remote(ablate.evaluate_checkpoint)  # as run_suite runs it: a Ray task
+        out = ray.get(task.remote(cfg.model_dump(mode="json"), ablate.final_checkpoint(cfg)))
+        gb0 = next(r for r in seeds if r.data.tags[RUN_NAME_TAG] == cfg.run.name)
+        assert out["epoch"] == 1
+        assert out["metrics"]["val_top1"] == pytest.approx(gb0.data.metrics["val_top1"])
+
+        again = ablate.run_suite(
+            "dfb", base, seeds=[0, 1], variants=["gb", "gb_df"], max_concurrent=1
+        )
+        assert "4 already finished, 0 to train" in capsys.readouterr().out
+        assert len(client.search_runs([exp.experiment_id])) == len(runs)
+        assert again.table["top1_mean"].tolist() == table["top1_mean"].tolist()
+
+        # a rerun with another config would reuse these names: run_suite refuses it
+        other = ablate.load_base("dfb", None, [*TINY, f"run.dir={tmp_path}", "optim.lr=0.2"])
+        other = ablate.variant_config(
+            other, ablate.SUITES["dfb"], ablate.SUITES["dfb"].variants[0], 0
+        )
+        assert ablate.config_diff(other, gb0.data.params) == ["optim.lr: 0.05 → 0.2"]
+        assert ablate.config_diff(cfg, gb0.data.params) == []
+    finally:
+        ray.shutdown()

@@ -1,0 +1,604 @@
+"""Sweeps (issue 6): the tuner's pure functions, `ray job submit` of the main job on a loopback
+cluster, a two-node cluster run, and an interrupted sweep resumed with ``--resume``.
+
+The Ray instances these tests start are isolated from any other on the machine: their own
+``RAY_TMPDIR`` (so no ``ray.init()`` elsewhere finds them through ``ray_current_cluster``, and they
+find no other), token auth with a throwaway token, free ports, and a marker variable in their
+environment by which every process they started is ended afterwards (never ``ray stop``: it ends
+every Ray process of the machine, not only ours).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from finegrain.platform import tracking
+from finegrain.platform.config import ConfigError, load_config
+from finegrain.platform.tune import (
+    DEFAULT_SPACES,
+    _resolve_resume,
+    apply_params,
+    close_stopped_children,
+    load_space,
+    to_tune_space,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = [
+    "data.synthetic.classes=4",
+    "data.synthetic.videos_per_class=4",
+    "data.synthetic.size=32",
+    "data.num_frames=8",
+    "data.short_side=32",
+    "data.crop=32",
+    "optim.epochs=1",
+    "optim.batch_size=4",
+    "eval.batch_size=8",
+    "model.width=4",
+]
+SPACE = {
+    "model.neurons": {"type": "int", "low": 2, "high": 3},
+    "model.layers": {"type": "int", "low": 1, "high": 1},
+    "model.udl": {"type": "choice", "values": [False]},
+    "optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1},
+}
+PARENT_TAG = "mlflow.parentRunId"
+
+
+# ------------------------------------------------------------------------ pure functions
+
+
+def test_to_tune_space_maps_each_type_to_its_ray_domain():
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
+
+    space = to_tune_space(
+        {
+            "model.neurons": {"type": "int", "low": 2, "high": 16},
+            "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.7},
+            "optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
+            "model.impulse": {"type": "choice", "values": ["sum", "mean"]},
+        }
+    )
+    neurons = space["model.neurons"]
+    assert isinstance(neurons, Integer) and (neurons.lower, neurons.upper) == (2, 17)  # inclusive
+    assert {neurons.sample() for _ in range(300)} == set(range(2, 17))
+    dropout, lr = space["model.dropout"], space["optim.lr"]
+    assert isinstance(dropout, Float) and isinstance(dropout.get_sampler(), Uniform)
+    assert (dropout.lower, dropout.upper) == (0.0, 0.7)
+    assert isinstance(lr, Float) and isinstance(lr.get_sampler(), LogUniform)
+    assert (lr.lower, lr.upper) == (1e-3, 0.1)
+    impulse = space["model.impulse"]
+    assert isinstance(impulse, Categorical) and impulse.categories == ["sum", "mean"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"type": "normal", "low": 0, "high": 1},
+            "type must be int, uniform, loguniform or choice",
+        ),
+        ({"low": 0, "high": 1}, "type must be"),
+        (0.5, "type must be"),
+        ({"type": "int", "low": 2}, "missing 'high'"),
+        ({"type": "choice"}, "missing 'values'"),
+    ],
+)
+def test_to_tune_space_rejects_bad_specs_naming_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        to_tune_space({"model.neurons": spec})
+    assert "'model.neurons'" in str(err.value)
+
+
+@pytest.mark.parametrize("method", sorted(DEFAULT_SPACES))
+def test_default_spaces_convert_and_their_bounds_validate_for_their_method(method):
+    space = DEFAULT_SPACES[method]
+    assert to_tune_space(space).keys() == space.keys()
+    base = load_config("tune_synthetic", [f"model.method={method}"]).model_dump(mode="json")
+    base["model"] = {"method": method, "backbone": "tiny"}  # only the method's own options
+    for end in ("low", "high"):
+        params = {
+            k: s["values"][0 if end == "low" else -1] if s["type"] == "choice" else s[end]
+            for k, s in space.items()
+        }
+        cfg = apply_params(base, params)
+        assert cfg.model.method == method
+
+
+def test_apply_params_sets_dotted_keys_builds_lists_and_converts_numpy_scalars():
+    base = load_config("tune_synthetic").model_dump(mode="json")
+    before = json.dumps(base, sort_keys=True)
+    cfg = apply_params(
+        base,
+        {
+            "model.neurons": np.int64(7),
+            "model.udl": np.bool_(False),
+            "model.tau": np.float64(0.5),
+            "optim.lr": np.float32(0.02),
+            "data.synthetic.seed": 3,
+        },
+    )
+    assert cfg.model.neurons == 7 and type(cfg.model.neurons) is int
+    assert cfg.model.udl is False
+    assert cfg.model.tau == 0.5 and type(cfg.model.tau) is float
+    assert cfg.optim.lr == pytest.approx(0.02)
+    assert cfg.data.synthetic.seed == 3
+    assert cfg.model.width == base["model"]["width"]  # untouched fields kept
+    assert cfg.optim.epochs == base["optim"]["epochs"]
+    assert json.dumps(base, sort_keys=True) == before  # the base dict is not modified
+
+    raw = load_config("tune_synthetic", ["model.method=classreg"]).model_dump(mode="json")
+    raw["model"] = {"method": "classreg", "backbone": "tiny"}
+    gamma = {f"model.gamma.{i}": np.float64(v) for i, v in [(2, 0.3), (0, 0.1), (3, 0.4), (1, 0.2)]}
+    cfg = apply_params(raw, gamma)
+    assert cfg.model.gamma == [0.1, 0.2, 0.3, 0.4]
+    assert all(type(g) is float for g in cfg.model.gamma)
+
+
+def test_apply_params_rejects_invalid_values_naming_the_field():
+    base = load_config("tune_synthetic").model_dump(mode="json")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        apply_params(base, {"optim.lr": -1.0})
+    with pytest.raises(ConfigError, match="model.neurons: expected int"):
+        apply_params(base, {"model.neurons": 2.5})
+    with pytest.raises(ConfigError, match="model.bogus: not an option of method 'dsts'"):
+        apply_params(base, {"model.bogus": 1})
+
+
+def test_load_space_reads_yaml_with_or_without_the_space_key(tmp_path):
+    assert load_space(None, "u2s") is DEFAULT_SPACES["u2s"]
+    adamw = load_space(None, "u2s", "adamw")
+    assert adamw["optim.lr"]["high"] <= 0.01 < DEFAULT_SPACES["u2s"]["optim.lr"]["high"]
+    assert adamw.keys() == DEFAULT_SPACES["u2s"].keys()
+    wrapped, bare, empty = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    wrapped.write_text(yaml.safe_dump({"space": SPACE}))
+    bare.write_text(yaml.safe_dump(SPACE))
+    empty.write_text("")
+    assert load_space(str(wrapped), "dsts") == SPACE
+    assert load_space(str(bare), "dsts") == SPACE
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_space(str(empty), "dsts")
+    with pytest.raises(FileNotFoundError):
+        load_space(str(tmp_path / "missing.yaml"), "dsts")
+
+
+def test_resolve_resume_finds_the_latest_or_a_named_sweep(tmp_path):
+    sweeps = tmp_path / "tune"
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        _resolve_resume(sweeps, "latest")
+    (sweeps / "tune-dsts-1").mkdir(parents=True)
+    (sweeps / "LATEST").write_text("tune-dsts-1\n")
+    assert _resolve_resume(sweeps, "latest") == "tune-dsts-1"
+    assert _resolve_resume(sweeps, "tune-dsts-1") == "tune-dsts-1"
+    with pytest.raises(ConfigError, match="no such sweep; known: tune-dsts-1"):
+        _resolve_resume(sweeps, "tune-dsts-2")
+
+
+def test_close_stopped_children_kills_only_the_sweeps_running_children(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    other = client.create_run(exp, run_name="other-sweep").info.run_id
+
+    def child(name, of, status=None):
+        run_id = client.create_run(exp, run_name=name, tags={PARENT_TAG: of}).info.run_id
+        if status:
+            client.set_terminated(run_id, status=status)
+        return run_id
+
+    stopped, done = child("stopped", parent), child("done", parent, "FINISHED")
+    failed, foreign = child("failed", parent, "FAILED"), child("foreign", other)
+    close_stopped_children(uri, parent)
+    status = {r: client.get_run(r).info.status for r in (stopped, done, failed, foreign)}
+    assert status == {stopped: "KILLED", done: "FINISHED", failed: "FAILED", foreign: "RUNNING"}
+    assert client.get_run(stopped).data.tags["early_stopped"] == "true"
+    assert "early_stopped" not in client.get_run(done).data.tags
+    assert client.get_run(parent).info.status == "RUNNING"  # the parent is the caller's to close
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The tiny synthetic benchmark, generated and sharded once for this module's runs."""
+    from finegrain.platform.data import prepare_data
+
+    run_dir = tmp_path_factory.mktemp("data")
+    cfg = load_config("tune_synthetic", [*TINY, f"run.dir={run_dir}"])
+    return prepare_data(cfg, quiet=True).shards
+
+
+@pytest.fixture
+def space_file(tmp_path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"space": SPACE}))
+    return path
+
+
+def sweep_args(shards: Path, run_dir: Path, space: Path, *extra: str) -> list[str]:
+    return [
+        "--space", str(space), "--num-samples", "2", "--time-budget", "3600",
+        "--set", *TINY, f"data.shards={shards}", f"run.dir={run_dir}",
+        *extra,
+    ]  # fmt: skip
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def ray_env(tmp_path):
+    """The environment for a Ray we start in a subprocess; its processes are ended afterwards."""
+    marker = secrets.token_hex(8)
+    # short: Ray's socket paths (under RAY_TMPDIR) must stay below 107 characters
+    ray_tmp = tempfile.mkdtemp(prefix="fgray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        FINEGRAIN_TEST_RAY=marker,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    yield env
+    end_marked_processes(marker)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def end_marked_processes(marker: str) -> None:
+    """SIGKILL every process whose environment carries our marker (raylet, workers, drivers)."""
+    needle = f"FINEGRAIN_TEST_RAY={marker}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def child_runs(client: MlflowClient, parent: str) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+
+
+def parent_run(client: MlflowClient, experiment: str, name: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+# ------------------------------------------------------------------------ ray job submit
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_main_job_to_succeeded(tmp_path, shards, space_file, ray_env):
+    gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+    start = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", "--num-cpus=6", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+    ]  # fmt: skip
+    log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (closed below)
+    head = subprocess.Popen(
+        start, env=ray_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dash}"
+    run_dir = tmp_path / "runs"
+    try:
+        wait_for_jobs_api(address, ray_env["RAY_AUTH_TOKEN"], head, tmp_path / "ray_start.log")
+        job_args = sweep_args(
+            shards, run_dir, space_file, "--max-concurrent", "2", "--name", "job-sweep"
+        )
+        submit = [
+            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+            "--submission-id", "fg-tune-test", "--",
+            "python", "experiments/tune_dsts.py", *job_args,
+        ]  # fmt: skip
+        deadline = time.time() + 180
+        while True:  # the Jobs API answers before the node's job agent is up: retry that one
+            done = subprocess.run(
+                submit, cwd=ROOT, env=ray_env, capture_output=True, text=True, timeout=540
+            )
+            out = done.stdout + done.stderr
+            if "No available agent to submit job" not in out or time.time() > deadline:
+                break
+            time.sleep(5)
+        submit = done
+        if submit.returncode != 0:
+            pytest.fail(f"ray job submit exited {submit.returncode}:\n{out[-4000:]}")
+        job = jobs_api(address, ray_env["RAY_AUTH_TOKEN"], "fg-tune-test")
+    finally:
+        head.terminate()  # `ray start --block` ends its node's processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+    assert submit.returncode == 0 and job["status"] == "SUCCEEDED", (job, out[-4000:])
+    assert job["entrypoint"].startswith("python experiments/tune_dsts.py")
+    assert "best configuration:" in out and "one-pass baseline:" in out, out[-4000:]
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    parent = parent_run(client, "tune-dsts", "job-sweep")
+    assert parent.info.status == "FINISHED"
+    children = child_runs(client, parent.info.run_id)
+    names = sorted(r.info.run_name for r in children)
+    assert len(names) == 3 and names[0] == "job-sweep-baseline-onepass", names
+    # one epoch = ASHA's max_t: no trial is stopped early, every one ends FINISHED
+    assert all(r.info.status == "FINISHED" for r in children), [
+        (r.info.run_name, r.info.status, r.data.tags.get("early_stopped")) for r in children
+    ]
+    for run in children:  # every trial's epoch reached MLflow through the sweep's server
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        assert steps == [1], (run.info.run_name, steps)
+    assert 0.0 <= parent.data.metrics["best_val_top1"] <= 1.0
+    assert 0.0 <= parent.data.metrics["baseline_val_top1"] <= 1.0
+    # the artifacts, as the MLflow UI over this store serves them
+    with tracking.LocalServer(
+        client.tracking_uri, tracking.artifact_root(run_dir), tmp_path / "ui.log"
+    ) as ui:
+        artifacts = {a.path for a in MlflowClient(ui).list_artifacts(parent.info.run_id)}
+    expected = {"search_space.yaml", "best_config.yaml", "results.csv", "parallel_coordinates.png"}
+    assert expected <= artifacts, artifacts
+
+
+def jobs_api(address: str, token: str, job: str = "") -> dict | list:
+    """GET the Ray Jobs REST API (``/api/jobs/[id]``) with the cluster's token."""
+    request = urllib.request.Request(
+        f"{address}/api/jobs/{job}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for_jobs_api(address: str, token: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited ({head.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            jobs_api(address, token)
+            return
+        except (OSError, ValueError):
+            time.sleep(1)
+    pytest.fail(f"the Jobs API did not answer on {address}:\n{log.read_text()[-3000:]}")
+
+
+# ------------------------------------------------------------------------ two nodes
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_trainer_workers_on_both_nodes(tmp_path, shards, monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from finegrain.platform.train import run_experiment
+
+    # the Cluster writes its address into $RAY_TMPDIR/ray/ray_current_cluster: keep it private
+    ray_tmp = tempfile.mkdtemp(prefix="fgray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    # 3 CPUs a node and 2 a worker: the two workers cannot share a node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    try:
+        cluster.add_node(num_cpus=3, resources={"second_node": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        cfg = load_config(
+            "tune_synthetic",
+            [
+                *TINY,
+                "model.method=onepass",
+                f"data.shards={shards}",
+                "data.decode_cpus=0.5",
+                "scaling.workers=2",
+                "scaling.cpus_per_worker=2",
+                f"run.dir={tmp_path}",
+                "run.name=two-nodes",
+            ],
+        )
+        result = run_experiment(cfg, quiet=True)
+        # a process on the second node logs into the driver's SQLite store through the relay
+        on_second = ray.remote(log_from_here()).options(resources={"second_node": 0.01})
+        relayed = ray.get(on_second.remote(result.tracking_uri, result.run_id))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.metrics["epoch"] == 1
+    assert result.metrics["rank_param_drift"] == pytest.approx(0.0, abs=1e-6)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    second = next(node for node, res in nodes.items() if "second_node" in res)
+    worker_nodes = run.data.tags["worker_nodes"].split(",")
+    assert len(worker_nodes) == 2 and set(worker_nodes) == set(nodes), (worker_nodes, nodes)
+    assert relayed == "RelayedClient"
+    assert run.data.tags["from_second_node"] == second
+    assert client.get_metric_history(result.run_id, "relayed")[0].value == 1.0
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "relayed")}
+    assert artifacts == {"relayed/note.txt", "relayed/figure.png"}
+
+
+def log_from_here():
+    """A function the workers can unpickle (this test module is not importable there)."""
+
+    def log(uri: str, run_id: str) -> str:
+        """In a task on another node: tag, metric, local file and figure into the driver's store."""
+        import tempfile
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import ray
+
+        from finegrain.platform import tracking
+
+        logger = tracking.RunLogger(uri, run_id)
+        logger.tags({"from_second_node": ray.get_runtime_context().get_node_id()})
+        logger.metrics({"relayed": 1.0}, step=1)
+        with tempfile.TemporaryDirectory() as d:
+            note = Path(d) / "note.txt"
+            note.write_text("written on the second node")
+            logger.artifact(note, "relayed")
+        fig = plt.figure()
+        logger.figure(fig, "relayed/figure.png")
+        plt.close(fig)
+        return type(logger.client).__name__
+
+    return log
+
+
+# ------------------------------------------------------------------------ --resume
+
+
+class Driver:
+    """``experiments/tune_dsts.py`` in a subprocess, its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "experiments/tune_dsts.py", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def find(self, pattern: str) -> re.Match | None:
+        return re.search(pattern, self.output)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the sweep did not end within {timeout:.0f} s:\n{self.output[-4000:]}")
+        self.reader.join(timeout=10)
+        return rc
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(
+    tmp_path, shards, space_file, ray_env
+):
+    """Ctrl+C once the second trial has started, then ``--resume``.
+
+    With ``--max-concurrent 1`` the searcher suggests trial 2 only after Tune has recorded trial 1
+    as finished, so trial 2's MLflow run appearing is the moment to interrupt: trial 1 is complete
+    in Tune's experiment state, trial 2 is in flight. On SIGINT Tune stops the trials and saves
+    its state; ``--resume`` must rerun only trial 2, reusing its MLflow run.
+    """
+    run_dir = tmp_path / "runs"
+    args = sweep_args(
+        shards, run_dir, space_file, "--max-concurrent", "1", "--no-baseline", "--name", "rs"
+    )
+    first = Driver(args, ray_env)
+    deadline = time.time() + 420
+    client = parent = None
+    while time.time() < deadline and first.proc.poll() is None:
+        time.sleep(2)
+        found = first.find(r"MLflow parent run (\w+) in (http://\S+)")
+        if found is None:
+            continue
+        parent, client = found.group(1), client or MlflowClient(found.group(2))
+        try:
+            if len(child_runs(client, parent)) == 2:  # trial 2 has started: trial 1 is done
+                break
+        except Exception:  # the server is busy; ask again
+            continue
+    else:
+        first.proc.kill()
+        pytest.fail(f"trial 2 never started:\n{first.output[-4000:]}")
+    first.proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune stops the trials and saves its state
+    first.wait(timeout=180)
+
+    store = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    # an interrupted sweep is not a finished one: nothing left RUNNING, nothing claimed FINISHED
+    # but the trial that did finish
+    assert store.get_run(parent).info.status == "KILLED", first.output[-4000:]
+    before = {r.info.run_name: r for r in child_runs(store, parent)}
+    status = sorted(r.info.status for r in before.values())
+    assert status == ["FINISHED", "KILLED"], (status, first.output[-4000:])
+    done = next(r for r in before.values() if r.info.status == "FINISHED")
+
+    second = Driver([*args[:-2], "--resume", "rs"], ray_env)
+    rc = second.wait(timeout=420)
+    assert rc == 0, second.output[-4000:]
+    assert "resuming sweep rs" in second.output
+    assert "sweep rs: 2 trials" in second.output, second.output[-4000:]
+    assert f"[{done.info.run_name}] epoch" not in second.output  # trial 1 was not rerun
+
+    resumed = parent_run(store, "tune-dsts", "rs")
+    assert resumed.info.run_id == parent and resumed.info.status == "FINISHED"
+    assert len(store.get_metric_history(parent, "best_val_top1")) == 1  # logged once, at the end
+    after = child_runs(store, parent)
+    names = [r.info.run_name for r in after]
+    assert sorted(names) == sorted(before), names  # no run duplicated, none added
+    assert all(r.info.status == "FINISHED" for r in after), [r.info.status for r in after]
+    again = store.get_run(done.info.run_id)
+    assert (again.info.start_time, again.info.end_time, again.info.status) == (
+        done.info.start_time,
+        done.info.end_time,
+        "FINISHED",
+    )
+    for run in after:  # each epoch logged once: trial 1 not rerun, trial 2 not doubled
+        steps = [m.step for m in store.get_metric_history(run.info.run_id, "val_top1")]
+        assert steps == [1], (run.info.run_name, steps)
