@@ -94,6 +94,13 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"config error:\n{e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(
+                f"\nsuite {suite.name} interrupted: rerun the same command to finish it "
+                "(finished runs are not trained again)",
+                file=sys.stderr,
+            )
+            return 130
         print("\n" + result.markdown)
         print(f"wrote {result.markdown_path} and {result.png_path}")
         print(f"MLflow summary run {result.summary_run_id}; UI: {ui_command(result.tracking_uri)}")

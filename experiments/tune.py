@@ -71,7 +71,7 @@ def main(argv=None, method: str | None = None) -> int:
         return 2
 
     from finegrain.platform.tracking import ui_command
-    from finegrain.platform.tune import run_sweep
+    from finegrain.platform.tune import SweepInterrupted, run_sweep
 
     try:
         result = run_sweep(
@@ -88,6 +88,9 @@ def main(argv=None, method: str | None = None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        print(f"\nsweep {e.name} interrupted: rerun the same command with --resume {e.name}")
+        return 130
     print(f"\nsweep {result.name}: {len(result.table)} trials")
     print(result.table.head(10).to_string(index=False))
     print("\nbest configuration:")

@@ -520,7 +520,12 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
             verbose=1,
         ),
     )
-    results = tuner.fit()
+    from finegrain.platform.tune import graceful_interrupt
+
+    with graceful_interrupt() as interrupted:
+        results = tuner.fit()
+    if interrupted.is_set():  # Tune stopped the runs; a rerun trains the unfinished ones
+        raise KeyboardInterrupt(f"suite {suite.name} interrupted; rerun it to finish")
     failed = []
     for result in results:
         if result.error is not None:

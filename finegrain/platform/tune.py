@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +236,10 @@ def run_sweep(
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
             )
         try:
-            results = tuner.fit()
+            with graceful_interrupt() as interrupted:
+                results = tuner.fit()
+            if interrupted.is_set():  # Tune stopped the trials and saved its state
+                raise SweepInterrupted(name)
         except BaseException as e:
             close_stopped_children(uri, parent)
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -258,6 +264,47 @@ def run_sweep(
     return SweepResult(
         name, parent, best_params, best_top1, baseline_top1, _display_uri(base), table
     )
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl+C during a sweep: Tune saved its state; ``--resume NAME`` continues it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"sweep {name} interrupted; --resume {name} continues it")
+        self.name = name
+
+
+@contextlib.contextmanager
+def graceful_interrupt():
+    """Ctrl+C → Tune's graceful stop (SIGUSR1), and an event saying that it happened.
+
+    On SIGINT ``Tuner.fit`` stops the trials, saves the experiment state and *returns*, like a
+    finished sweep; the sweep must then end as KILLED, not pick a "best" trial and log it. Tune's
+    own SIGINT handler is turned off and ours forwards to its SIGUSR1 handler, noting the
+    interrupt. A second Ctrl+C falls to the previous handler (KeyboardInterrupt).
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signals only reach the main thread; nothing to catch
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(sig, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
 
 
 def _display_uri(base: ExperimentConfig) -> str:
