@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -158,3 +159,30 @@ def test_stage_plan_splits_epochs_by_share_and_checks_explicit_lists():
         stage_plan(stages, 10, [1, 2])
     with pytest.raises(ValueError, match="fewer than"):
         stage_plan(stages, 2, None)
+
+
+def test_a_corrupt_training_video_is_skipped_named_and_counted_in_the_run(run_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from finegrain.platform.data import prepare_data
+
+    spec = prepare_data(tiny_config(run_dir), quiet=True)
+    shards = tmp_path / "shards-with-a-bad-video"
+    shutil.copytree(spec.shards, shards)
+    first = sorted(shards.glob("shards/train-*.parquet"))[0]
+    table = pq.read_table(first)
+    victim = table.column("video_id")[0].as_py()
+    videos = table.column("video").to_pylist()
+    videos[0] = b"\x13" * 2000  # not a video
+    table = table.set_column(table.schema.get_field_index("video"), "video", [videos])
+    pq.write_table(table.cast(pq.read_schema(first)), first)
+
+    result = run_experiment(
+        tiny_config(run_dir, f"data.shards={shards}", "run.name=bad-video"), quiet=True
+    )
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"  # the run goes on without it
+    assert run.data.metrics["bad_videos"] >= 1
+    note = client.download_artifacts(result.run_id, "bad_videos.txt", str(tmp_path))
+    assert victim in Path(note).read_text()
