@@ -209,11 +209,27 @@ def test_close_stopped_children_kills_only_the_sweeps_running_children(tmp_path)
 
     stopped, done = child("stopped", parent), child("done", parent, "FINISHED")
     failed, foreign = child("failed", parent, "FAILED"), child("foreign", other)
+    # stopped by Tune right after reporting its last epoch (ASHA's max_t): complete
+    at_max_t, halfway = child("at_max_t", parent), child("halfway", parent)
+    for run_id, epochs in ((at_max_t, 2), (halfway, 1)):
+        client.set_tag(run_id, "total_epochs", "2")
+        for step in range(1, epochs + 1):
+            client.log_metric(run_id, "val_top1", 0.5, step=step)
     close_stopped_children(uri, parent)
-    status = {r: client.get_run(r).info.status for r in (stopped, done, failed, foreign)}
-    assert status == {stopped: "KILLED", done: "FINISHED", failed: "FAILED", foreign: "RUNNING"}
+    runs = (stopped, done, failed, foreign, at_max_t, halfway)
+    status = {r: client.get_run(r).info.status for r in runs}
+    assert status == {
+        stopped: "KILLED",
+        done: "FINISHED",
+        failed: "FAILED",
+        foreign: "RUNNING",
+        at_max_t: "FINISHED",
+        halfway: "KILLED",
+    }
     assert client.get_run(stopped).data.tags["early_stopped"] == "true"
+    assert client.get_run(halfway).data.tags["early_stopped"] == "true"
     assert "early_stopped" not in client.get_run(done).data.tags
+    assert "early_stopped" not in client.get_run(at_max_t).data.tags
     assert client.get_run(parent).info.status == "RUNNING"  # the parent is the caller's to close
 
 

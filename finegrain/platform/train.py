@@ -562,16 +562,17 @@ class _Loop:
         values = torch.cat(gathered)
         return (values.max() - values.min()).item()
 
-    def record_placement(self) -> None:
-        """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order)."""
+    def record_run_facts(self) -> None:
+        """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order) and its
+        ``total_epochs`` (what a sweep compares a stopped trial's progress with)."""
         nodes: list[str | None] = [None] * self.world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         if self.rank == 0:
-            self.logger.tags({"worker_nodes": ",".join(nodes)})
+            self.logger.tags({"worker_nodes": ",".join(nodes), "total_epochs": self.total_epochs})
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
-        self.record_placement()
+        self.record_run_facts()
         self.restore()
         run_start = time.perf_counter()
         for epoch in range(self.start_epoch, self.total_epochs):

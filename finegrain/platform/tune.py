@@ -358,7 +358,13 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
 
 
 def close_stopped_children(uri: str, parent: str) -> None:
-    """Trials stopped by ASHA (or the time budget) die with their actor: end them as KILLED."""
+    """End the child runs that Tune's stopped trials left RUNNING.
+
+    A stopped trial dies with its actor, before its ``run_experiment`` closes the run. A trial
+    that reported its last epoch (ASHA says STOP at ``max_t`` = the last epoch, too) is complete:
+    FINISHED. One stopped earlier — by ASHA, the time budget or Ctrl+C — is KILLED and tagged
+    ``early_stopped``. The loop tags each run with its ``total_epochs``.
+    """
     client = tracking.tracking_client(uri)
     parent_run = client.get_run(parent)
     children = client.search_runs(
@@ -366,8 +372,13 @@ def close_stopped_children(uri: str, parent: str) -> None:
         filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
     )
     for run in children:
-        client.set_tag(run.info.run_id, "early_stopped", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        run_id, total = run.info.run_id, run.data.tags.get("total_epochs")
+        done = max((m.step for m in client.get_metric_history(run_id, "val_top1")), default=0)
+        if total is not None and done >= int(total):
+            client.set_terminated(run_id, status="FINISHED")
+            continue
+        client.set_tag(run_id, "early_stopped", "true")
+        client.set_terminated(run_id, status="KILLED")
 
 
 def _results_table(results):
