@@ -138,7 +138,7 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
         other = ablate.variant_config(
             other, ablate.SUITES["dfb"], ablate.SUITES["dfb"].variants[0], 0
         )
-        assert ablate.config_diff(other, gb0.data.params) == ["optim.lr: 0.05 → 0.2"]
+        assert ablate.config_diff(other, gb0.data.params) == ["optim.lr: 0.003 → 0.2"]
         assert ablate.config_diff(cfg, gb0.data.params) == []
     finally:
         ray.shutdown()
