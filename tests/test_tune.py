@@ -324,23 +324,9 @@ def parent_run(client: MlflowClient, experiment: str, name: str):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_main_job_to_succeeded(tmp_path, shards, space_file, ray_env):
-    gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env = free_ports(7)
-    start = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs}", "--num-cpus=6", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}",
-    ]  # fmt: skip
-    log = open(tmp_path / "ray_start.log", "wb")  # noqa: SIM115 (closed below)
-    head = subprocess.Popen(
-        start, env=ray_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{dash}"
+    head, log, address = start_head(tmp_path, ray_env)
     run_dir = tmp_path / "runs"
     try:
-        wait_for_jobs_api(address, ray_env["RAY_AUTH_TOKEN"], head, tmp_path / "ray_start.log")
         job_args = sweep_args(
             shards, run_dir, space_file, "--max-concurrent", "2", "--name", "job-sweep"
         )
@@ -430,17 +416,45 @@ def jobs_api(address: str, token: str, job: str = "") -> dict | list:
         return json.loads(response.read())
 
 
-def wait_for_jobs_api(address: str, token: str, head: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start exited ({head.returncode}):\n{log.read_text()[-3000:]}")
+def start_head(tmp_path: Path, env: dict, attempts: int = 3):
+    """``ray start --head --block`` on free loopback ports, up to the Jobs API answering.
+
+    The ports are picked free, released, then bound by Ray: another process starting at the
+    same moment can take one, and the head then exits at start. That is retried on fresh ports.
+    """
+    for attempt in range(1, attempts + 1):
+        gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+        start = [
+            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={gcs}", "--num-cpus=6", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+        ]  # fmt: skip
+        path = tmp_path / f"ray_start_{attempt}.log"
+        log = open(path, "wb")  # noqa: SIM115 (closed by the caller, or below)
+        head = subprocess.Popen(
+            start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 180
+        while time.time() < deadline and head.poll() is None:
+            try:
+                jobs_api(address, env["RAY_AUTH_TOKEN"])
+                return head, log, address
+            except (OSError, ValueError):
+                time.sleep(1)
+        head.terminate()
         try:
-            jobs_api(address, token)
-            return
-        except (OSError, ValueError):
-            time.sleep(1)
-    pytest.fail(f"the Jobs API did not answer on {address}:\n{log.read_text()[-3000:]}")
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+        text = path.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if "rror" in line or "xception" in line]
+        report = "\n".join(errors[-20:]) or text[-3000:]
+    pytest.fail(f"ray start --head did not come up in {attempts} attempts; last:\n{report}")
 
 
 # ------------------------------------------------------------------------ two nodes
