@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from finegrain.platform import ablate
@@ -15,20 +16,7 @@ from finegrain.platform.config import ConfigError
 from finegrain.platform.tracking import RUN_NAME_TAG, resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.synthetic.classes=4",
-    "data.synthetic.videos_per_class=4",
-    "data.synthetic.size=32",
-    "data.num_frames=4",
-    "data.short_side=32",
-    "data.crop=32",
-    "optim.batch_size=4",
-    "optim.epochs=1",
-    "model.width=4",
-    "eval.batch_size=8",
-    "scaling.cpus_per_worker=0.5",
-    "data.decode_cpus=0.5",
-]
+TINY = [*TINY_RUN, "scaling.cpus_per_worker=0.5", "data.decode_cpus=0.5"]
 
 
 @pytest.mark.parametrize("name", list(ablate.SUITES))

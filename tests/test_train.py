@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from helpers import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from finegrain.models import METHODS
@@ -20,20 +21,7 @@ from finegrain.platform.train import CHECKPOINT_FILE, run_experiment, stage_plan
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "data.synthetic.classes=4",
-    "data.synthetic.videos_per_class=4",
-    "data.synthetic.size=32",
-    "data.num_frames=4",
-    "data.short_side=32",
-    "data.crop=32",
-    "optim.batch_size=4",
-    "optim.epochs=1",
-    "model.width=4",
-    "optim.warmup_epochs=0",
-    "eval.batch_size=8",
-    "scaling.workers=2",
-]
+TINY = [*TINY_RUN, "optim.warmup_epochs=0", "scaling.workers=2"]
 
 
 @pytest.fixture(scope="module")
