@@ -13,14 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 
 from finegrain.datasets.pipeline import (
     ClipConfig,
     ClipDecoder,
-    bad_videos,
+    EpochBatches,
     build_clip_dataset,
+    file_order,
     iter_clip_batches,
+    new_bad_video_log,
+    plan_reads,
+    planned_rows,
     read_classes,
     shard_files,
 )
@@ -135,6 +138,61 @@ def test_shard_files_and_classes(tmp_path: Path) -> None:
         shard_files(root, "test")
 
 
+# ---------------------------------------------------------------- the read plan (no Ray)
+
+
+def test_file_order_is_rays_own_file_shuffle_per_execution() -> None:
+    """Each epoch reads the files in the order FileShuffleConfig(seed) gave execution e, when
+    every epoch was a new execution: one execution per run changes no run's clips."""
+    from ray.data.datasource.file_based_datasource import (
+        FileShuffleConfig,
+        _shuffle_file_metadata,
+    )
+
+    files = [f"/s/train-{k:05d}.parquet" for k in range(7)]
+    for seed in (0, 3):
+        for epoch in range(4):
+            theirs, _ = _shuffle_file_metadata(files, files, FileShuffleConfig(seed), epoch)
+            assert file_order(files, seed, epoch) == list(theirs)
+    assert file_order(files, None, 2) == files  # evaluation: as given
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_plan_ranks_share_every_row_once_and_train_pads_to_equal_counts(world: int) -> None:
+    rows = {"/s/a.parquet": 5, "/s/b.parquet": 0, "/s/c.parquet": 6}  # 11 rows
+    sequence = {}  # epoch → the rows of the epoch's sequence, as (path, row)
+    for e in (0, 1):
+        order = file_order(sorted(rows), 7, e)
+        sequence[e] = [(p, r) for p in order for r in range(rows[p])]
+
+    def taken(pad: bool, rank: int) -> dict[int, list]:
+        out = {0: [], 1: []}
+        for item in plan_reads(rows, [0, 1], seed=7 if pad else None, rank=rank, world=world,
+                               pad=pad):  # fmt: skip
+            assert item["rank"] == rank and item["world"] == world
+            for r in range(item["begin"], item["end"]):
+                position = item["start"] + r - item["begin"]
+                if position % world == rank:
+                    out[item["epoch"]].append((position, (item["path"], r)))
+        return out
+
+    for e in (0, 1):
+        train = [taken(True, r)[e] for r in range(world)]
+        assert len({len(t) for t in train}) == 1  # every rank the same number of steps
+        assert len(train[0]) == -(-11 // world) == planned_rows(rows, world, 0, True)
+        positions = sorted(p for t in train for p, _ in t)
+        assert positions == list(range(len(positions)))  # the padded sequence, each once
+        for p, row in (x for t in train for x in t):  # padding repeats the sequence's start
+            assert row == sequence[e][p % 11]
+        evaluation = [taken(False, r)[0] for r in range(world)]
+        assert sorted(row for t in evaluation for _, row in t) == sorted(
+            (p, r) for p in rows for r in range(rows[p])
+        )  # evaluation: an exact partition, nothing padded
+    assert all(i["stream"] == 0 for i in plan_reads(rows, [0], seed=1))
+    two = plan_reads(rows, [0], seed=1, streams=2)
+    assert [i["stream"] for i in two] == [0, 1, 0, 1]  # interleaved file by file
+
+
 # ---------------------------------------------------------------- through Ray Data
 
 
@@ -143,10 +201,27 @@ def ray_cluster():
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = True
     yield
     if started:
         ray.shutdown()
+
+
+def _epoch_clips(ds, epochs, streams=1, batch_size=3) -> dict:
+    """{(epoch, stream): [(video_id, clip, label), ...]} in the order they came."""
+    batches = EpochBatches(ds, batch_size, streams=streams)
+    out = {}
+    for e in epochs:
+        for batch in batches.epoch(e):
+            for clip, label, vid in zip(batch["clips"], batch["labels"], batch["video_id"]):
+                out.setdefault((e, 0), []).append((vid, clip.numpy().copy(), int(label)))
+            for s in range(1, streams):
+                extra = batches.extra(e, s)
+                for clip, vid in zip(extra["clips"], extra["video_id"]):
+                    out.setdefault((e, s), []).append((vid, clip.numpy().copy(), None))
+    return out
 
 
 @pytest.mark.slow
@@ -155,28 +230,62 @@ def test_pipeline_train_round_trip_skips_corrupt(ray_cluster, videos, tmp_path: 
     rows.insert(2, _row("corrupt", b"\x13" * 3000, 0))
     rows.append(_row("empty", b"", 1))
     root = _write_shards(tmp_path, {"train-00000": rows[:4], "train-00001": rows[4:]})
-    before = bad_videos("train", first=10_000)  # the log is cluster-wide: compare counts
-    ds = build_clip_dataset(root, "train", CFG, train=True, seed=0)
-    epochs = []
-    for _ in range(2):
-        seen = {}
-        for batch in iter_clip_batches(ds, batch_size=3):
-            assert batch["clips"].shape[1:] == (4, 24, 24, 3)
-            assert batch["clips"].dtype == torch.uint8
-            assert batch["labels"].dtype == batch["view"].dtype == torch.int64
-            for clip, label, vid in zip(batch["clips"], batch["labels"], batch["video_id"]):
-                seen[vid] = (clip.numpy().copy(), int(label))
-        epochs.append(seen)
-    assert sorted(epochs[0]) == sorted(videos)  # every good video once; bad ones skipped
-    assert {v: lbl for v, (_, lbl) in epochs[0].items()} == {
-        v: lbl for v, (_, lbl) in videos.items()
-    }
-    # a new epoch draws new frames/crops (Ray's execution index reseeds the decoders)
-    assert any(not np.array_equal(epochs[0][v][0], epochs[1][v][0]) for v in videos)
-    report = bad_videos("train", first=10_000)
-    assert report["count"] - before["count"] == 2  # each counted once over the two epochs
-    new = {b["video_id"] for b in report["first"]} - {b["video_id"] for b in before["first"]}
-    assert new == {"corrupt", "empty"}
+    log = new_bad_video_log()
+    ds = build_clip_dataset(root, "train", CFG, train=True, seed=0, epochs=[0, 1], bad_log=log)
+    clips = _epoch_clips(ds, [0, 1])
+    for e in (0, 1):
+        assert sorted(v for v, _, _ in clips[(e, 0)]) == sorted(videos)  # bad ones skipped
+        assert {v: lbl for v, _, lbl in clips[(e, 0)]} == {v: lbl for v, (_, lbl) in videos.items()}
+        for _, clip, _ in clips[(e, 0)]:
+            assert clip.shape == (4, 24, 24, 3) and clip.dtype == np.uint8
+    first, second = (dict((v, c) for v, c, _ in clips[(e, 0)]) for e in (0, 1))
+    assert any(not np.array_equal(first[v], second[v]) for v in videos)  # new epoch, new draws
+    report = ray.get(log.summary.remote("train"))
+    assert report["count"] == 2 and report["events"] == 4  # each counted once, seen per epoch
+    assert {b["video_id"] for b in report["first"]} == {"corrupt", "empty"}
+
+
+@pytest.mark.slow
+def test_one_execution_gives_each_epoch_the_clips_of_its_own_execution(
+    ray_cluster, videos, tmp_path: Path
+) -> None:
+    """Epoch e of the one-execution dataset == what a per-epoch execution gave: files in
+    FileShuffleConfig(seed)'s order for execution e, rows in file order, each clip drawn from
+    default_rng([seed, e, crc32(video_id)]). A resumed run (planned from epoch 2) sees the
+    same epoch 2; rank r of W takes every W-th clip of that sequence."""
+    items = list(videos.items())
+    shards = {"train-00000": items[:2], "train-00001": items[2:4], "train-00002": items[4:]}
+    root = _write_shards(
+        tmp_path, {k: [_row(v, d, lbl) for v, (d, lbl) in rows] for k, rows in shards.items()}
+    )
+    decoder = ClipDecoder(CFG, train=True, class_names=CLASSES, seed=5)
+    files = shard_files(root, "train")
+    by_file = {f: shards[Path(f).stem] for f in files}
+
+    def expected(epoch: int) -> list:
+        return [
+            (v, decoder.decode_row(d, lbl, v, epoch=epoch)[0][0])
+            for f in file_order(files, 5, epoch)
+            for v, (d, lbl) in by_file[f]
+        ]
+
+    run = _epoch_clips(build_clip_dataset(root, "train", CFG, True, 5, epochs=[0, 1, 2]), [0, 1, 2])
+    resumed = _epoch_clips(build_clip_dataset(root, "train", CFG, True, 5, epochs=[2]), [2])
+    for e in (0, 1, 2):
+        want = expected(e)
+        got = [(v, c) for v, c, _ in run[(e, 0)]]
+        assert [v for v, _ in got] == [v for v, _ in want]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert [v for v, _, _ in resumed[(2, 0)]] == [v for v, _, _ in run[(2, 0)]]
+    assert all(np.array_equal(a, b) for (_, a, _), (_, b, _) in zip(resumed[(2, 0)], run[(2, 0)]))
+    rank1 = _epoch_clips(
+        build_clip_dataset(root, "train", CFG, True, 5, epochs=[1], rank=1, world=2, streams=2),
+        [1],
+        streams=2,
+    )
+    assert [v for v, _, _ in rank1[(1, 0)]] == [v for v, _ in expected(1)][1::2]
+    meta = [v for v, _, _ in rank1[(1, 1)]]  # an independent sampler, as many clips
+    assert len(meta) == len(rank1[(1, 0)]) and set(meta) <= set(videos)
 
 
 @pytest.mark.slow
@@ -194,11 +303,3 @@ def test_pipeline_eval_views_tagged_by_video(ray_cluster, videos, tmp_path: Path
     assert sorted(views) == ["v0", "v1", "v2"]
     for vid, tagged in views.items():
         assert sorted(tagged) == [(k, videos[vid][1]) for k in range(6)]
-
-
-@pytest.mark.slow
-def test_cpu_budget_that_would_starve_the_read_fails_fast(ray_cluster, tmp_path: Path) -> None:
-    root = _write_shards(tmp_path, {"train-00000": []})
-    greedy = ClipConfig(decode_actors=2, cpus_per_actor=1.0)  # 2 + 1 for listing > 2 CPUs
-    with pytest.raises(ValueError, match=r"ClipConfig.decode_actors x cpus_per_actor = 2 CPUs"):
-        build_clip_dataset(root, "train", greedy, train=True)

@@ -1,31 +1,47 @@
 """Ray Data pipeline: Parquet shards -> sampled, decoded, transformed ``uint8`` clips.
 
-``read_parquet`` (the ``video`` bytes, ``video_id``, ``label`` columns of one split's shards)
--> ``map_batches(ClipDecoder)`` in a pool of Ray actors: per row, sample frame indices
-(:mod:`.sampling`), decode only those frames from the in-memory bytes with decord, apply the
-spatial transforms (:mod:`.transforms`) -> rows ``clip`` ``(T, S, S, 3)`` uint8, ``label``,
-``video_id``, ``view``. Consumers iterate with :func:`iter_clip_batches` and turn clips into
-normalised float model input on the training device with :func:`to_model_input`.
+A *plan* (:func:`plan_reads`) lists, in the order they are consumed, the shard files to read for
+each epoch and which of their rows a rank takes; a read task per planned file streams the file's
+``video``, ``video_id`` and ``label`` columns and keeps the rank's rows (:func:`read_planned`);
+``map_batches(ClipDecoder)`` in a pool of Ray actors samples frame indices (:mod:`.sampling`),
+decodes only those frames from the in-memory bytes with decord and applies the spatial
+transforms (:mod:`.transforms`) -> rows ``clip`` ``(T, S, S, 3)`` uint8, ``label``,
+``video_id``, ``view``, ``epoch``. Consumers iterate with :func:`iter_clip_batches` (one pass)
+or :class:`EpochBatches` (a whole multi-epoch run) and turn clips into normalised float model
+input on the training device with :func:`to_model_input`.
+
+One execution per run. Ray Data cannot keep an actor pool alive from one execution of a dataset
+to the next (ray-project/ray#46479), and starting the decode actors costs seconds every epoch.
+So a training run builds *one* dataset whose plan covers all its remaining epochs; each row
+carries its epoch, and :class:`EpochBatches` hands the loop one epoch at a time (batches never
+straddle epochs). A resumed run plans from the checkpoint's epoch on.
+
+Order and sampling, for a seed: epoch ``e`` reads the split's shard files in the order
+``FileShuffleConfig(seed)`` gives on execution ``e`` (``default_rng(hash((seed, e)) % 2**32)``,
+exactly the order Ray's own file shuffle gave when every epoch was a new execution), each file's
+rows in file order; a training clip of video ``v`` in epoch ``e`` is drawn from
+``default_rng([seed, e, crc32(v)])``, whatever actor decodes it. With one rank (one training
+worker) each epoch's sequence of clips is therefore what the per-epoch executions gave.
+
+Ranks: rank ``r`` of ``W`` takes the positions ``r, r + W, ...`` of its epoch's sequence (the
+``DistributedSampler`` rule): for training the sequence is first padded to a multiple of ``W``
+with its own first rows, so every rank takes the same number of clips and no row is dropped;
+for evaluation nothing is padded, so the ranks' rows partition the split exactly. Each rank
+reads every shard's bytes and decodes only its own rows (reading is a few percent of decoding).
 
 Views: training emits one view per video (a random clip, random crop, optional flip).
 Evaluation emits ``n_clips x n_crops`` views per video, ``view = clip * n_crops + crop``, all
 tagged with the video's ``video_id`` so that their predictions can be averaged.
 
 Bad videos (undecodable bytes, too few frames, a label outside the classes) are logged with their
-``video_id`` and skipped; every skip is also recorded by a small named Ray actor,
-:class:`BadVideoLog`, so :func:`bad_videos` reports how many and which, and a long run never fails
-on them (not even if that actor is gone: then the skip is only logged).
+``video_id`` and skipped; every skip is also recorded by a :class:`BadVideoLog` actor that the
+run's driver owns and passes in, so the run reports how many and which, and a long run never
+fails on them (not even if that actor is gone: then the skip is only logged). Ray start-up is
+the caller's job (``ray.init``).
 
-Randomness: a training view is drawn from ``default_rng([seed, execution, crc32(video_id)])``:
-reproducible for a given ``seed``, independent of which actor decodes the row, and different on
-each re-execution (epoch) of the same dataset, because ``execution`` is Ray Data's execution
-index of the pipeline (the counter its own ``FileShuffleConfig`` reseeds with). ``seed=None``
-draws fresh entropy instead. Ray start-up is the caller's job (``ray.init``).
-
-Start-up: Ray Data starts the decode actors afresh for every epoch, so the module a decode actor
-imports (this one) imports no torch at the top: torch is imported by the consumer-side
-functions (``iter_clip_batches``, ``to_model_input``) and, in an actor, only if a clip needs
-resizing (``transforms.resize_short_side``). That saves each actor ~3-5 s every epoch on 2 cores.
+Start-up: the module a decode actor imports (this one) imports no torch at the top: torch is
+imported by the consumer-side functions and, in an actor, only if a clip needs resizing
+(``transforms.resize_short_side``).
 """
 
 from __future__ import annotations
@@ -43,8 +59,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import decord
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from finegrain.datasets.sampling import dense_indices, tsn_indices
 from finegrain.datasets.transforms import clip_views, flip_swap_map, unflippable_classes
@@ -59,12 +76,18 @@ __all__ = [
     "ClipCollate",
     "ClipConfig",
     "ClipDecoder",
-    "bad_videos",
+    "EVAL",
+    "EpochBatches",
     "build_clip_dataset",
+    "build_run_dataset",
+    "file_order",
     "iter_clip_batches",
+    "new_bad_video_log",
+    "plan_reads",
     "read_classes",
     "sample_views",
     "shard_files",
+    "split_rows",
     "to_model_input",
 ]
 
@@ -72,8 +95,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BAD_VIDEO_LOG_NAME = "finegrain_bad_videos"
 _COLUMNS = ["video", "video_id", "label"]
+EVAL = -1  # the stream of evaluation rows in a training run's dataset
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -95,9 +118,8 @@ class ClipConfig:
     shorter frame side; ``crop_size``: square crop (<= ``short_side``). ``n_clips`` x
     ``n_crops`` (1 or 3): evaluation views per video. ``flip``: random horizontal flip with
     label swap when training (see ``transforms.default_flip``). Decoding: ``decode_actors`` Ray
-    actors reserving ``cpus_per_actor`` Ray CPUs each (the decode CPU budget is their product;
-    it plus one CPU for Ray Data's own read/repartition tasks must fit in the cluster; Ray CPUs
-    are scheduling units: an actor decodes on ``decode_threads`` threads whatever it reserves),
+    actors reserving ``cpus_per_actor`` Ray CPUs each (Ray CPUs are scheduling units: an actor
+    decodes on ``decode_threads`` threads whatever it reserves),
     ``decode_threads`` decord threads per video (0 = decord's auto; 1 is fastest when actors
     fill the cores), ``decode_batch`` videos per actor call (fewer, larger tasks cost Ray less
     per clip), ``read_cpus`` Ray CPUs of each Parquet read task.
@@ -180,12 +202,152 @@ def read_classes(shard_dir: str | Path) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
+def split_rows(shard_dir: str | Path, split: str) -> dict[str, int]:
+    """``{shard file: number of rows}`` of ``split``, in sorted file order, from the Parquet
+    footers alone (no video bytes are read)."""
+    return {f: pq.ParquetFile(f).metadata.num_rows for f in shard_files(shard_dir, split)}
+
+
+# --------------------------------------------------------------------------- the read plan
+
+
+def file_order(files: Sequence[str], seed: int | None, epoch: int) -> list[str]:
+    """The order in which epoch ``epoch`` reads ``files`` (``seed=None``: as given).
+
+    Reproduces ``ray.data.FileShuffleConfig(seed)`` on execution ``epoch`` (its
+    ``get_seed`` and ``_shuffle_file_metadata``), the order every epoch had when each epoch
+    was a new execution of the dataset: runs keep their clips across this change.
+    """
+    files = list(files)
+    if seed is None:
+        return files
+    rng = np.random.default_rng(hash((seed, epoch)) % (2**32))
+    rng.shuffle(files)
+    return files
+
+
+def plan_reads(
+    rows: dict[str, int],
+    epochs: Sequence[int],
+    *,
+    seed: int | None,
+    rank: int = 0,
+    world: int = 1,
+    pad: bool = True,
+    streams: int = 1,
+) -> list[dict[str, Any]]:
+    """The read items of rank ``rank`` of ``world`` for ``epochs``, in consumption order.
+
+    An item ``{"epoch", "stream", "path", "begin", "end", "start", "rank", "world"}`` reads
+    rows ``[begin, end)`` of ``path``, whose first row sits at position ``start`` of the epoch's
+    sequence; the rank keeps the positions ``p`` with ``p % world == rank``. ``pad``: the
+    sequence is padded to a multiple of ``world`` with its own first rows (items starting at
+    positions ``>= n``), so every rank gets ``ceil(n / world)`` rows per epoch (training);
+    without it the ranks partition the split exactly (evaluation).
+
+    ``streams > 1``: further independent samplers over the same split (stream ``s`` shuffles the
+    files with the seed ``stream_seed(seed, s)``), their items interleaved file by file with the
+    main stream's (stream 0), so one execution feeds them all (DSTS's UDL draws its D_val batches
+    from stream 1).
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    items = []
+    for epoch in epochs:
+        per_stream = [
+            _epoch_items(rows, epoch, stream_seed(seed, s), s, world, pad) for s in range(streams)
+        ]
+        for k in range(max(len(p) for p in per_stream)):
+            items += [p[k] for p in per_stream if k < len(p)]
+    for item in items:
+        item.update(rank=rank, world=world)
+    return items
+
+
+def stream_seed(seed: int | None, stream: int) -> int | None:
+    """The seed of stream ``stream``: ``seed`` itself for the main stream (0)."""
+    if seed is None or stream == 0:
+        return seed
+    return zlib.crc32(f"{seed}/stream{stream}".encode())
+
+
+def _epoch_items(rows, epoch, seed, stream, world, pad) -> list[dict[str, Any]]:
+    order = file_order(sorted(rows), seed, epoch)
+    items, position = [], 0
+
+    def add(path: str, end: int) -> None:
+        items.append(
+            {"epoch": epoch, "stream": stream, "path": path, "begin": 0, "end": end,
+             "start": position}
+        )  # fmt: skip
+
+    for path in order:
+        if rows[path]:
+            add(path, rows[path])
+        position += rows[path]
+    missing = (-position) % world if pad else 0
+    for path in order:  # the padding: the sequence's first rows again
+        if missing <= 0:
+            break
+        take = min(missing, rows[path])
+        if take:
+            add(path, take)
+        position += take
+        missing -= take
+    return items
+
+
+def planned_rows(rows: dict[str, int], world: int, rank: int, pad: bool) -> int:
+    """How many rows rank ``rank`` takes per epoch under :func:`plan_reads`."""
+    n = sum(rows.values())
+    total = n + ((-n) % world if pad else 0)
+    return len(range(rank, total, world))
+
+
+def read_planned(batch: dict[str, np.ndarray], block_rows: int = 32) -> Iterator[pa.Table]:
+    """The ``map_batches`` read step: plan items -> the rank's rows, ``block_rows`` at a time.
+
+    Streams each file (one record batch at a time, never a whole shard in memory) and keeps the
+    rows at the rank's positions; every output block holds rows of one epoch only.
+    """
+    for k in range(len(batch["path"])):
+        path, epoch, stream = str(batch["path"][k]), int(batch["epoch"][k]), int(batch["stream"][k])
+        begin, end, start = int(batch["begin"][k]), int(batch["end"][k]), int(batch["start"][k])
+        rank, world = int(batch["rank"][k]), int(batch["world"][k])
+        first = begin + ((rank - start) % world)  # our first row in [begin, end)
+        wanted = np.arange(first, end, world)
+        if len(wanted) == 0:
+            continue
+        offset = 0
+        for record_batch in pq.ParquetFile(path).iter_batches(
+            batch_size=max(block_rows * world, 256), columns=_COLUMNS
+        ):
+            lo, hi = offset, offset + record_batch.num_rows
+            offset = hi
+            if hi <= first:
+                continue
+            if lo >= end:
+                break
+            take = wanted[(wanted >= lo) & (wanted < hi)] - lo
+            if len(take) == 0:
+                continue
+            table = pa.Table.from_batches([record_batch]).take(pa.array(take))
+            table = table.append_column("epoch", pa.array(np.full(len(take), epoch, np.int32)))
+            table = table.append_column("stream", pa.array(np.full(len(take), stream, np.int8)))
+            for i in range(0, table.num_rows, block_rows):
+                yield table.slice(i, block_rows)
+
+
 # --------------------------------------------------------------------------- bad videos
 
 
-@ray.remote(num_cpus=0)
 class BadVideoLog:
-    """Counts skipped videos per split; keeps each one's first error (a few bytes per video)."""
+    """Counts skipped videos per split; keeps each one's first error (a few bytes per video).
+
+    One per run, created by the process that drives the run (:func:`new_bad_video_log`), which
+    holds the handle for the run's whole life and hands it to the decoders: the actor lives
+    exactly as long as its run, whoever else is alive.
+    """
 
     def __init__(self) -> None:
         self._first_error: dict[tuple[str, str], str] = {}
@@ -196,6 +358,8 @@ class BadVideoLog:
         self._first_error.setdefault((split, video_id), error)
 
     def summary(self, split: str | None = None, first: int = 20) -> dict:
+        """``{"count", "events", "first": [{split, video_id, error}]}``: ``count`` counts
+        distinct videos (a bad video re-read every epoch counts once), ``events`` every skip."""
         bad = [(s, v, e) for (s, v), e in self._first_error.items() if split in (None, s)]
         return {
             "count": len(bad),
@@ -204,17 +368,9 @@ class BadVideoLog:
         }
 
 
-def _bad_video_log() -> Any:
-    return BadVideoLog.options(name=BAD_VIDEO_LOG_NAME, get_if_exists=True).remote()
-
-
-def bad_videos(split: str | None = None, first: int = 20) -> dict:
-    """``{"count", "events", "first": [{split, video_id, error}]}`` of videos skipped so far.
-
-    ``count`` counts distinct videos (a bad video re-read every epoch counts once); ``events``
-    counts every skip. Call it from the driver that built the datasets.
-    """
-    return ray.get(_bad_video_log().summary.remote(split, first))
+def new_bad_video_log() -> Any:
+    """A :class:`BadVideoLog` actor owned by the caller (keep the handle as long as the run)."""
+    return ray.remote(num_cpus=0, max_restarts=0)(BadVideoLog).remote()
 
 
 # --------------------------------------------------------------------------- decoding
@@ -224,7 +380,9 @@ class ClipDecoder:
     """The ``map_batches`` callable: encoded videos -> ``uint8`` clip views (one Ray actor).
 
     ``decode_row`` handles one video and is also what the plain DataLoader baseline in
-    ``bench/data_throughput.py`` calls, so both paths do identical work.
+    ``bench/data_throughput.py`` calls, so both paths do identical work. A training dataset
+    may also carry evaluation rows (``stream == EVAL``): those are decoded with ``eval_config``
+    (every view, deterministic), the others with ``config``.
     """
 
     def __init__(
@@ -236,25 +394,40 @@ class ClipDecoder:
         seed: int | None = 0,
         split: str = "",
         bad_log: Any = None,
+        eval_config: ClipConfig | None = None,
+        eval_split: str = "",
     ) -> None:
         self.config, self.train, self.split, self.bad_log = config, train, split, bad_log
+        self.eval_config, self.eval_split = eval_config or config, eval_split or split
         self.num_classes = len(class_names) if class_names is not None else None
         self.swap = flip_swap_map(class_names) if class_names is not None else {}
         self.no_flip = unflippable_classes(class_names) if class_names is not None else frozenset()
-        # Ray Data makes new actors for each execution of a dataset and ships its DataContext
-        # with them; _execution_idx (private, hence getattr) is the epoch counter Ray's own
-        # FileShuffleConfig reseeds with.
-        execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-        self.seed = None if seed is None else (seed, execution)
+        self.seed = seed
         self.rng = np.random.default_rng()  # used only when seed is None
 
-    def row_rng(self, video_id: str) -> np.random.Generator:
+    def mode(self, stream: int) -> tuple[ClipConfig, bool, str]:
+        """(config, train, split) of the rows of ``stream``."""
+        if stream == EVAL:
+            return self.eval_config, False, self.eval_split
+        return self.config, self.train, self.split
+
+    def row_rng(self, video_id: str, epoch: int = 0, stream: int = 0) -> np.random.Generator:
+        """``default_rng([seed, epoch, crc32(video_id)])`` (``+ [stream]`` for a further
+        stream): the same draw for a video in an epoch whatever actor decodes it (fresh entropy
+        when ``seed`` is None)."""
         if self.seed is None:
             return self.rng
-        return np.random.default_rng([*self.seed, zlib.crc32(video_id.encode())])
+        key = [self.seed, epoch, zlib.crc32(video_id.encode())]
+        return np.random.default_rng(key + [stream] if stream else key)
 
     def decode_row(
-        self, video: bytes, label: int, video_id: str = "", out: np.ndarray | None = None
+        self,
+        video: bytes,
+        label: int,
+        video_id: str = "",
+        out: np.ndarray | None = None,
+        epoch: int = 0,
+        stream: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One video -> (clips ``(V, T, S, S, 3)`` uint8, labels ``(V,)`` int64); raises if bad.
 
@@ -262,21 +435,21 @@ class ClipDecoder:
         decoded once even if eval clips overlap, resized once, cropped/flipped as views, and
         copied once into ``out``.
         """
-        cfg = self.config
+        cfg, train, _ = self.mode(stream)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} outside the {self.num_classes} classes")
-        rng = self.row_rng(video_id) if self.train else None
+        rng = self.row_rng(video_id, epoch, stream) if train else None
         reader = decord.VideoReader(io.BytesIO(video), num_threads=cfg.decode_threads)
-        indices = sample_views(len(reader), cfg, train=self.train, rng=rng)
+        indices = sample_views(len(reader), cfg, train=train, rng=rng)
         wanted, where = np.unique(indices, return_inverse=True)
         frames = reader.get_batch(wanted.tolist()).asnumpy()
         views = clip_views(
             frames,
             short_side=cfg.short_side,
             crop_size=cfg.crop_size,
-            train=self.train,
+            train=train,
             n_crops=cfg.n_crops,
-            flip=cfg.flip and label not in self.no_flip,
+            flip=cfg.flip and train and label not in self.no_flip,
             rng=rng,
         )
         shape = (len(indices) * len(views), cfg.num_frames, cfg.crop_size, cfg.crop_size, 3)
@@ -293,82 +466,61 @@ class ClipDecoder:
         return out, labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg, n_views = self.config, self.config.views(self.train)
         rows = len(batch["video_id"])
-        shape = (rows * n_views, cfg.num_frames, cfg.crop_size, cfg.crop_size, 3)
-        clips, labels = np.empty(shape, np.uint8), np.empty(rows * n_views, np.int64)
-        video_ids: list[str] = []
+        epochs = batch.get("epoch", np.zeros(rows, np.int32))
+        streams = batch.get("stream", np.zeros(rows, np.int8))
+        views = [self.mode(int(s))[0].views(self.mode(int(s))[1]) for s in streams]
+        cfg = self.config
+        total = sum(views)
+        clips = np.empty((total, cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), np.uint8)
+        labels = np.empty(total, np.int64)
+        kept: list[int] = []
         n = 0
-        for video, label, video_id in zip(batch["video"], batch["label"], batch["video_id"]):
-            video_id = str(video_id)
+        for i, (video, label, video_id) in enumerate(
+            zip(batch["video"], batch["label"], batch["video_id"])
+        ):
+            video_id, v = str(video_id), views[i]
             try:
-                _, labels[n : n + n_views] = self.decode_row(
-                    video, int(label), video_id, out=clips[n : n + n_views]
+                _, labels[n : n + v] = self.decode_row(
+                    video,
+                    int(label),
+                    video_id,
+                    out=clips[n : n + v],
+                    epoch=int(epochs[i]),
+                    stream=int(streams[i]),
                 )
             except Exception as err:  # any undecodable video: skip, log, count
-                self._report(video_id, err)
+                self._report(video_id, err, self.mode(int(streams[i]))[2])
                 continue
-            video_ids += [video_id] * n_views
-            n += n_views
+            kept.append(i)
+            n += v
+        rows_kept = np.repeat(np.asarray(kept, np.int64), [views[i] for i in kept])
         return {
             "clip": clips[:n],
             "label": labels[:n],
-            "video_id": np.array(video_ids, dtype=str),
-            "view": np.tile(np.arange(n_views, dtype=np.int64), n // n_views),
+            "video_id": np.asarray(batch["video_id"], dtype=str)[rows_kept],
+            "view": np.concatenate([np.arange(views[i], dtype=np.int64) for i in kept])
+            if kept
+            else np.zeros(0, np.int64),
+            "epoch": np.asarray(epochs, np.int32)[rows_kept],
+            "stream": np.asarray(streams, np.int8)[rows_kept],
         }
 
-    def _report(self, video_id: str, err: Exception) -> None:
+    def _report(self, video_id: str, err: Exception, split: str | None = None) -> None:
+        split = self.split if split is None else split
         message = (
             f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         )
-        log.warning("skipping bad video %s (split %r): %s", video_id, self.split, message[:300])
+        log.warning("skipping bad video %s (split %r): %s", video_id, split, message[:300])
         if self.bad_log is not None:
             try:
                 # waited for (bad videos are rare) so a batch's skips are counted before it is seen
-                ray.get(self.bad_log.add.remote(self.split, video_id, message[:300]), timeout=30)
+                ray.get(self.bad_log.add.remote(split, video_id, message[:300]), timeout=30)
             except Exception:  # the count is best effort; decoding goes on regardless
                 log.exception("could not record bad video %s", video_id)
 
 
 # --------------------------------------------------------------------------- dataset
-
-
-def _check_cpu_budget(config: ClipConfig) -> None:
-    """Fail fast where the decode actors would starve Ray Data's own tasks (a silent hang).
-
-    The actor pool claims its CPUs when the dataset starts, before any row is read, and Ray
-    Data's repartition tasks need a whole CPU each.
-    """
-    if not ray.is_initialized():
-        return
-    total = ray.cluster_resources().get("CPU", 0.0)
-    budget = config.decode_actors * config.cpus_per_actor
-    if budget + 1 > total:
-        raise ValueError(
-            f"ClipConfig.decode_actors x cpus_per_actor = {budget:g} CPUs plus 1 for reading the "
-            f"shards exceeds the cluster's {total:g} CPUs; lower decode_actors or "
-            f"cpus_per_actor (Ray CPUs are scheduling units: an actor decodes on "
-            f"decode_threads threads whatever it reserves)"
-        )
-
-
-def _read_shards(
-    files: list[str], shuffle: ray.data.FileShuffleConfig | None, num_cpus: float
-) -> ray.data.Dataset:
-    """``read_parquet`` of the shards' ``video, video_id, label`` columns, V1 reader.
-
-    Ray 2.60's default Parquet reader (datasource V2) starts a pool of footer-reading actors
-    on every execution, i.e. every epoch: seconds of process start-up before the first row on a
-    small node (measured: first batch after ~11 s instead of ~3 s on 2 loaded cores). The V1
-    reader reads the footers once, here, on the driver. The dataset keeps a copy of the
-    DataContext taken at creation, so the switch is restored right after.
-    """
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(files, columns=_COLUMNS, shuffle=shuffle, num_cpus=num_cpus)
-    finally:
-        ctx.use_datasource_v2 = v2
 
 
 def build_clip_dataset(
@@ -377,81 +529,292 @@ def build_clip_dataset(
     config: ClipConfig,
     train: bool,
     seed: int | None = 0,
+    *,
+    epochs: Sequence[int] = (0,),
+    rank: int = 0,
+    world: int = 1,
+    streams: int = 1,
+    bad_log: Any = None,
+    stream: int = 0,
 ) -> ray.data.Dataset:
     """The lazy Ray Dataset of clip views of ``split`` (needs ``ray.init`` first).
 
-    Training shuffles the shard order (reseeded every epoch); shuffle rows further with
-    ``iter_clip_batches(..., local_shuffle_buffer_size=...)``.
+    ``epochs``: the epochs its one execution covers, in order (training reads the files in each
+    epoch's shuffled order and pads the sequence to a multiple of ``world``; evaluation reads
+    them in sorted order, unpadded). ``rank`` / ``world``: this rank's share (see the module
+    docstring). ``streams``: independent training samplers in the one execution (see
+    :func:`plan_reads`). ``bad_log``: a :class:`BadVideoLog` handle that counts skipped videos.
+    ``stream``: the stream an evaluation dataset's rows carry (:data:`EVAL` for
+    :meth:`EpochBatches.evaluation`).
     """
-    _check_cpu_budget(config)
-    files = shard_files(shard_dir, split)
-    class_names = read_classes(shard_dir)
-    shuffle = ray.data.FileShuffleConfig(seed=seed) if train else None
-    ds = _read_shards(files, shuffle, config.read_cpus)
-    # small blocks (streaming, no barrier): a shard's rows spread over all actors, and each actor
-    # task returns its clips at once instead of buffering a whole shard's worth of output
-    ds = ds.repartition(target_num_rows_per_block=config.decode_batch)
-    return ds.map_batches(
-        ClipDecoder,
-        fn_constructor_kwargs={
-            "config": config,
-            "train": train,
-            "class_names": class_names,
-            "seed": seed,
-            "split": split,
-            "bad_log": _bad_video_log(),
-        },
-        batch_size=config.decode_batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.decode_actors),
-        num_cpus=config.cpus_per_actor,
+    rows = split_rows(shard_dir, split)
+    items = plan_reads(
+        rows,
+        list(epochs),
+        seed=seed if train else None,
+        rank=rank,
+        world=world,
+        pad=train,
+        streams=streams if train else 1,
     )
+    if not train:
+        items = [{**item, "stream": stream} for item in items]
+    decoder = {"config": config, "train": train, "seed": seed, "split": split, "bad_log": bad_log}
+    return _clip_dataset(shard_dir, items, config, decoder, f"split {split!r}, rank {rank}/{world}")
 
 
-class ClipCollate(NumpyBatchCollateFn):
-    """Numpy batch -> ``{"clips", "labels", "video_id", "view"}`` (no copies of the clips)."""
+def build_run_dataset(
+    shard_dir: str | Path,
+    train_config: ClipConfig,
+    eval_config: ClipConfig,
+    *,
+    epochs: Sequence[int],
+    seed: int | None,
+    rank: int = 0,
+    world: int = 1,
+    streams: int = 1,
+    evaluate: Literal["once", "every_epoch"] = "once",
+    eval_split: str = "val",
+    bad_log: Any = None,
+) -> ray.data.Dataset:
+    """Everything one rank of a training run reads, as one dataset (one execution, one actor
+    pool): for each of ``epochs`` its training clips (``streams`` samplers), and its exact share
+    of the ``eval_split`` views (stream :data:`EVAL`) — ``"once"``, ahead of everything (the run
+    keeps them decoded), or after each epoch's training clips (``"every_epoch"``)."""
+    train_rows, eval_rows = split_rows(shard_dir, "train"), split_rows(shard_dir, eval_split)
+
+    def evaluation(epoch: int) -> list[dict[str, Any]]:
+        items = plan_reads(eval_rows, [epoch], seed=None, rank=rank, world=world, pad=False)
+        return [{**item, "stream": EVAL} for item in items]
+
+    epochs = list(epochs)
+    items = evaluation(epochs[0]) if evaluate == "once" and epochs else []
+    for epoch in epochs:
+        items += plan_reads(
+            train_rows, [epoch], seed=seed, rank=rank, world=world, pad=True, streams=streams
+        )
+        if evaluate == "every_epoch":
+            items += evaluation(epoch)
+    decoder = {
+        "config": train_config,
+        "train": True,
+        "seed": seed,
+        "split": "train",
+        "bad_log": bad_log,
+        "eval_config": eval_config,
+        "eval_split": eval_split,
+    }
+    return _clip_dataset(shard_dir, items, train_config, decoder, f"rank {rank}/{world}")
+
+
+def _clip_dataset(shard_dir, items, config: ClipConfig, decoder: dict, what: str):
+    if not items:
+        raise ValueError(f"{shard_dir}: nothing to read for {what}")
+    decoder = {**decoder, "class_names": read_classes(shard_dir)}
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # read tasks: one plan item (a file, or the padding's rows) each, streamed in small blocks,
+    # so a shard's rows spread over all decode actors and no task holds a whole shard
+    ds = ds.map_batches(
+        read_planned,
+        fn_kwargs={"block_rows": config.decode_batch},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=config.read_cpus,
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates remote arguments passed as extra keywords (removal in 2.64) but
+        # names no parameter for max_restarts; its actor pool reads it from there (see
+        # ActorPoolMapOperator._apply_default_remote_args). Pinned to 2.60: nothing breaks.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        return ds.map_batches(
+            ClipDecoder,
+            fn_constructor_kwargs=decoder,
+            batch_size=config.decode_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.decode_actors),
+            num_cpus=config.cpus_per_actor,
+            # Ray Data keeps an actor's constructor arguments in the object store, where a
+            # restart cannot rely on finding them (ray-project/ray#53727: "the actor restart
+            # will fail", logged for every restartable actor). A restart that may fail is no
+            # safety net: a dead decode actor fails the data stream, and the run restarts from
+            # its checkpoint (run.max_failures).
+            max_restarts=0,
+        )
+
+
+# --------------------------------------------------------------------------- consuming
+
+
+class ClipCollate:
+    """Numpy batch -> ``{"clips", "labels", "video_id", "view", "epoch"}`` (no copies of the
+    clips: the tensors view the arrays)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         with warnings.catch_warnings():  # object-store arrays are read-only; never written
             warnings.simplefilter("ignore")
-            return {
+            out = {
                 "clips": torch.as_tensor(batch["clip"]),
                 "labels": torch.as_tensor(batch["label"], dtype=torch.int64),
                 "video_id": [str(v) for v in batch["video_id"]],
                 "view": torch.as_tensor(batch["view"], dtype=torch.int64),
             }
+        if "epoch" in batch and len(batch["epoch"]):
+            out["epoch"] = int(batch["epoch"][0])
+        return out
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _runs(block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """``block`` cut into runs of rows of one (epoch, stream) each (a decode batch may join
+    the end of one planned file to the start of the next)."""
+    n = len(block["label"])
+    if n == 0:
+        return
+    if "epoch" not in block:
+        yield block
+        return
+    key = block["epoch"].astype(np.int64) * 128 + block.get("stream", 0)
+    cuts = np.flatnonzero(np.diff(key)) + 1
+    if len(cuts) == 0:
+        yield block
+        return
+    for lo, hi in zip([0, *cuts], [*cuts, n]):
+        yield {k: v[lo:hi] for k, v in block.items()}
+
+
+class _Batcher:
+    """Runs of rows -> batches of ``batch_size`` (the last of an epoch may be short); a run that
+    is exactly one batch passes through without a copy."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.parts, self.held, self.epoch = batch_size, [], 0, None
+
+    def add(self, run: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        epoch = int(run["epoch"][0]) if "epoch" in run else None
+        if self.parts and epoch != self.epoch:
+            yield from self.flush()
+        self.epoch = epoch
+        n, start = len(run["label"]), 0
+        while start < n:
+            take = min(self.batch_size - self.held, n - start)
+            whole = start == 0 and take == n
+            self.parts.append(
+                run if whole else {k: v[start : start + take] for k, v in run.items()}
+            )
+            self.held += take
+            start += take
+            if self.held == self.batch_size:
+                yield from self.flush()
+
+    def flush(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.parts:
+            yield _concat(self.parts)
+        self.parts, self.held = [], 0
 
 
 def iter_clip_batches(
     ds: ray.data.Dataset | Any,
     batch_size: int,
     *,
-    drop_last: bool = False,
     prefetch_batches: int = 2,
-    local_shuffle_buffer_size: int | None = None,
-    local_shuffle_seed: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Iterator[dict[str, Any]]:
     """Batches ``{"clips": (B, T, H, W, 3) uint8, "labels": (B,) int64, "video_id": [str],
-    "view": (B,) int64}`` from a clip dataset (or a Ray Train dataset shard)."""
+    "view": (B,) int64}`` from one pass over a clip dataset (the last batch may be short)."""
     import torch
 
-    batches = ds.iter_torch_batches(
-        batch_size=batch_size,
-        collate_fn=ClipCollate(),
-        drop_last=drop_last,
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=local_shuffle_buffer_size,
-        local_shuffle_seed=local_shuffle_seed,
-    )
+    collate, batcher = ClipCollate(), _Batcher(batch_size)
     device = torch.device(device)
-    for batch in batches:
+
+    def batches():
+        for block in ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches
+        ):
+            for run in _runs(block):
+                yield from batcher.add(run)
+        yield from batcher.flush()
+
+    for batch in batches():
+        batch = collate(batch)
         if device.type != "cpu":
             for key in ("clips", "labels", "view"):
                 batch[key] = batch[key].to(device, non_blocking=True)
         yield batch
+
+
+class EpochBatches:
+    """One rank's batches of a run's dataset (:func:`build_run_dataset`), one epoch at a time.
+
+    ``epoch(e)`` yields the main stream's batches of epoch ``e`` (as :func:`iter_clip_batches`)
+    and ends where that stream's epoch ends; ``extra(e, s)`` returns the next batch of stream
+    ``s`` in epoch ``e`` (None when it has no more); ``evaluation(e)`` yields the evaluation
+    views planned for epoch ``e``. Batches never straddle epochs; rows of an epoch the caller
+    left before its end are skipped (``dropped`` counts them). The whole run is one iteration
+    of the dataset, so the decode actors start once.
+    """
+
+    def __init__(
+        self,
+        ds: ray.data.Dataset,
+        batch_size: int,
+        streams: int = 1,
+        eval_batch_size: int | None = None,
+        prefetch_batches: int = 2,
+    ) -> None:
+        from collections import deque
+
+        self._blocks = iter(
+            ds.iter_batches(
+                batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches
+            )
+        )
+        sizes = {s: batch_size for s in range(streams)} | {EVAL: eval_batch_size or batch_size}
+        self._batchers = {s: _Batcher(size) for s, size in sizes.items()}
+        self._ready = {s: deque() for s in sizes}
+        self._collate = ClipCollate()
+        self._exhausted = False
+        self.dropped = 0
+
+    def _pull(self) -> None:
+        block = next(self._blocks, None)
+        if block is None:
+            self._exhausted = True
+            for s, batcher in self._batchers.items():
+                self._ready[s].extend(batcher.flush())
+            return
+        for run in _runs(block):
+            s = int(run["stream"][0]) if "stream" in run else 0
+            self._ready[s].extend(self._batchers[s].add(run))
+
+    def _take(self, stream: int, epoch: int) -> dict[str, np.ndarray] | None:
+        ready = self._ready[stream]
+        while True:
+            while ready and int(ready[0]["epoch"][0]) < epoch:
+                self.dropped += len(ready.popleft()["label"])
+            if ready:
+                return ready.popleft() if int(ready[0]["epoch"][0]) == epoch else None
+            if self._exhausted:
+                return None
+            self._pull()
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        while (batch := self._take(0, epoch)) is not None:
+            yield self._collate(batch)
+
+    def extra(self, epoch: int, stream: int = 1) -> dict[str, Any] | None:
+        batch = self._take(stream, epoch)
+        return None if batch is None else self._collate(batch)
+
+    def evaluation(self, epoch: int) -> Iterator[dict[str, Any]]:
+        while (batch := self._take(EVAL, epoch)) is not None:
+            yield self._collate(batch)
 
 
 def to_model_input(

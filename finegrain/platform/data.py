@@ -21,6 +21,11 @@ class DataSpec:
     classes: list[str]
     class_groups: dict[str, dict] = field(default_factory=dict)
 
+    @property
+    def val_split(self) -> str:
+        """``val`` where the shards have one, else ``test`` (UCF101, HMDB51)."""
+        return "val" if any(self.shards.glob("shards/val-*.parquet")) else "test"
+
     def clip_config(self, cfg: ExperimentConfig, train: bool):
         from finegrain.datasets.pipeline import ClipConfig
         from finegrain.datasets.transforms import default_flip
@@ -38,29 +43,101 @@ class DataSpec:
             flip=flip,
             decode_actors=d.decode_actors,
             cpus_per_actor=d.decode_cpus,
+            decode_batch=d.decode_batch,
+            read_cpus=d.read_cpus,
         )
 
-    def datasets(self, cfg: ExperimentConfig) -> dict:
-        import ray.data
+    def run_dataset(
+        self,
+        cfg: ExperimentConfig,
+        epochs: list[int],
+        rank: int,
+        world: int,
+        streams: int = 1,
+        bad_log=None,
+    ):
+        """Everything rank ``rank`` of a run reads from ``epochs[0]`` on, as one dataset (one
+        execution for the run): its training clips of every epoch (``streams`` samplers) and
+        its exact share of the validation views — decoded once when they fit in
+        ``eval.cache_mb`` (the rank keeps them), else after every epoch's training clips."""
+        from finegrain.datasets.pipeline import build_run_dataset
 
+        _configure_data_context()
+        return build_run_dataset(
+            self.shards,
+            self.clip_config(cfg, True),
+            self.clip_config(cfg, False),
+            epochs=epochs,
+            seed=cfg.run.seed,
+            rank=rank,
+            world=world,
+            streams=streams,
+            evaluate="once" if self.val_fits(cfg, world) else "every_epoch",
+            eval_split=self.val_split,
+            bad_log=bad_log,
+        )
+
+    def train_stream(
+        self, cfg: ExperimentConfig, epochs: list[int], rank: int, world: int, bad_log=None
+    ):
+        """Rank ``rank``'s training clips of ``epochs`` alone (a pass of its own)."""
         from finegrain.datasets.pipeline import build_clip_dataset
 
-        # per-operator progress bars from every trainer would drown the per-epoch lines
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False  # nor its 3 lines per split per epoch
-        # same seed → same batches: blocks are yielded in order, not as tasks finish
-        context.execution_options.preserve_order = True
+        _configure_data_context()
+        return build_clip_dataset(
+            self.shards,
+            "train",
+            self.clip_config(cfg, True),
+            True,
+            cfg.run.seed,
+            epochs=epochs,
+            rank=rank,
+            world=world,
+            bad_log=bad_log,
+        )
 
-        val_split = "val" if any(self.shards.glob("shards/val-*.parquet")) else "test"
-        return {
-            "train": build_clip_dataset(
-                self.shards, "train", self.clip_config(cfg, True), train=True, seed=cfg.run.seed
-            ),
-            "val": build_clip_dataset(
-                self.shards, val_split, self.clip_config(cfg, False), train=False
-            ),
-        }
+    def val_dataset(
+        self, cfg: ExperimentConfig, rank: int = 0, world: int = 1, bad_log=None, stream: int = 0
+    ):
+        """Rank ``rank``'s share of every validation view (the ranks' shares partition them)."""
+        from finegrain.datasets.pipeline import build_clip_dataset
+
+        _configure_data_context()
+        return build_clip_dataset(
+            self.shards,
+            self.val_split,
+            self.clip_config(cfg, False),
+            train=False,
+            rank=rank,
+            world=world,
+            bad_log=bad_log,
+            stream=stream,
+        )
+
+    def val_views(self, cfg: ExperimentConfig) -> tuple[int, int]:
+        """(validation videos, views per video)."""
+        from finegrain.datasets.pipeline import split_rows
+
+        videos = sum(split_rows(self.shards, self.val_split).values())
+        return videos, cfg.eval.clips * cfg.eval.crops
+
+    def val_fits(self, cfg: ExperimentConfig, world: int) -> bool:
+        """Whether a rank's share of the decoded validation views fits in ``eval.cache_mb``."""
+        videos, views = self.val_views(cfg)
+        clip = cfg.data.num_frames * cfg.data.crop * cfg.data.crop * 3
+        return videos * views * clip / world <= cfg.eval.cache_mb * 2**20
+
+
+def _configure_data_context() -> None:
+    """This process's Ray Data settings, copied into every dataset built after it."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    # one bar per operator per run would bury the epoch lines; the run prints its own progress
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # same seed → same batches: blocks are yielded in plan order, not as tasks finish
+    context.execution_options.preserve_order = True
 
 
 def synthetic_dirs(cfg: ExperimentConfig) -> tuple[Path, Path]:
@@ -108,26 +185,12 @@ def load_spec(out: Path) -> DataSpec:
     return DataSpec(out, classes, groups)
 
 
-def own_bad_video_log() -> None:
-    """Create the pipeline's named bad-video log in this process (the driver), so that it lives
-    as long as the whole job: created by a trial, it would die with that trial, under the feet
-    of the others."""
-    from finegrain.datasets.pipeline import bad_videos
-
-    bad_videos()
-
-
-def bad_video_note() -> tuple[int, str]:
-    """(count, a one-line note naming the first skipped videos) of the job's bad videos."""
-    from finegrain.datasets.pipeline import bad_videos
-
-    bad = bad_videos()
+def bad_video_note(bad: dict) -> str:
+    """A one-line note naming the first skipped videos of ``BadVideoLog.summary()``."""
     if not bad["count"]:
-        return 0, ""
+        return ""
     names = ", ".join(f"{b['split']}/{b['video_id']} ({b['error']})" for b in bad["first"])
-    more = (
-        f" and {bad['count'] - len(bad['first'])} more" if bad["count"] > len(bad["first"]) else ""
+    more = bad["count"] - len(bad["first"])
+    return f"{bad['count']} video(s) could not be decoded and were skipped: {names}" + (
+        f" and {more} more" if more > 0 else ""
     )
-    return bad[
-        "count"
-    ], f"{bad['count']} video(s) could not be decoded and were skipped: {names}{more}"
