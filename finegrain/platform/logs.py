@@ -1,23 +1,118 @@
-"""Ray's log lines that our per-epoch lines would drown in, quieted in every worker process.
+"""What reaches the console: our progress lines, Tune's trial table, and real warnings and errors.
 
-``quiet_worker_logs`` is the ``worker_process_setup_hook`` of the local Ray (``train.ensure_ray``).
-Ray imports this module in *every* worker process it starts, so it imports nothing but
-``logging``: a hook in a module that imports torch would add ~0.5 GB to each of the 20-30
-helper processes (queues, coordinators, cleaners) of a sweep.
+``quiet_worker_logs`` is the ``worker_process_setup_hook`` of a local Ray (``cluster.connect``)
+and is also called by our own processes (driver, Tune trial, training worker), so a cluster
+started elsewhere (``ray job submit``) gets the same. Ray imports it in *every* worker process
+it starts, so this module imports nothing but the standard library: a hook that imported torch
+would add ~0.5 GB to each of the helper processes of a sweep.
+
+Every line silenced here is INFO (progress that signals no fault) or a warning traced to a
+harmless cause, named beside it. Everything still goes to Ray's session folder
+(``/tmp/ray/session_*/logs``: worker-*.out/err, ray-data/, ray-train/), and :func:`console_log`
+copies the console into a log file whose path the command prints at start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Ray Data configures its logger when it is imported, from this file if the variable names one
+# (its documented switch): ours keeps its console handler at WARNING. Set on import of this
+# module, which every finegrain process imports before Ray Data (the worker hook below is it).
+RAY_DATA_LOGGING = str(Path(__file__).with_name("ray_data_logging.yaml"))
+os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
+
+
+class _StoppedTrialCleanup(logging.Filter):
+    """Drops the one line Ray Train's placement-group cleaner logs when it has done its job.
+
+    Tune ends the actor of a trial it stops (ASHA, the time budget, Ctrl+C), and the trial's
+    TorchTrainer controller dies with it before it can remove its placement group; the cleaner
+    (which needs the State API: ``cluster.connect`` starts the dashboard for it) then removes
+    the group and says so, once per stopped trial. That is the designed clean-up of a stop
+    we asked for, not a fault; the cleaner's other warnings (it cannot query the State API, it
+    failed to remove the group) still show.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Detected that the Ray Train controller actor")
 
 
 def quiet_worker_logs() -> None:
-    """Every worker of a local Ray (no dashboard, so no State API): Train V2's placement-group
-    cleaner — a safety net for a controller that dies abruptly — would warn every few seconds
-    that it cannot ask the State API about the controller. The controller removes its placement
-    group itself when a run ends; only the repeated warning goes. Ray Data's INFO lines (a plan
-    and a timing per split per epoch, from every trainer) go too; its warnings stay."""
-    logging.getLogger(
+    """Ray's INFO lines off the console, in the process that calls it."""
+    # Ray Data: RAY_DATA_LOGGING above.
+    # Ray Train and Tune: one INFO line per report, checkpoint and worker-group event. (Train
+    # V2 configures its own console handler in its controller and workers: the runs set its
+    # level through RunConfig(logging_config=LoggingConfig(log_level="WARNING")).)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    cleaner = logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    )
+    if not any(isinstance(f, _StoppedTrialCleanup) for f in cleaner.filters):
+        cleaner.addFilter(_StoppedTrialCleanup())
+    # MLflow: INFO lines such as "Creating initial MLflow database tables".
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Says at every ray.init that token authentication is on: the secure default of Ray 2.60,
+    # which we keep (the dashboard listens on 127.0.0.1 only), no fault.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+
+
+def quiet_ray_logs() -> None:
+    """``quiet_worker_logs`` plus Train V2's loggers, which it names by file path."""
+    quiet_worker_logs()
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+class _Tee:
+    """A text stream that writes to the console and to a log file."""
+
+    def __init__(self, console, file) -> None:
+        self.console, self.file = console, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.console.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.console, name)
+
+
+@contextmanager
+def console_log(run_dir: str | Path, name: str):
+    """Copy this process's console (stdout, stderr, and the worker lines Ray forwards to it)
+    into ``<run dir>/logs/<name>-<time>.log``, with this process's INFO log records too;
+    prints the file's path first. Yields the path."""
+    folder = Path(run_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with open(path, "a", buffering=1) as file:  # line-buffered: readable while the run goes
+        print(f"full log: {path}", flush=True)
+        handler = logging.StreamHandler(file)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, file), _Tee(err, file)
+        try:
+            yield path
+        finally:
+            sys.stdout, sys.stderr = out, err
+            root.removeHandler(handler)

@@ -25,12 +25,21 @@ import os
 import subprocess
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
+# Every process that logs to MLflow imports this module first. MLflow prints a "View run at"
+# link for every run it ends over HTTP: with a sweep's own temporary server, links that die with
+# the sweep, one per trial; the commands print the lasting `mlflow ui` command instead. Its
+# telemetry thread sets and unsets an environment variable while HTTP requests iterate
+# os.environ (requests' proxy lookup): a KeyError that fails an MLflow call.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 RUN_NAME_TAG = "finegrain.run_name"
 
@@ -134,11 +143,44 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def close_run(uri: str, run_id: str, status: str) -> None:
-    """End the run as FINISHED, FAILED or KILLED."""
+def close_run(
+    uri: str,
+    run_id: str,
+    status: str,
+    error: BaseException | str | None = None,
+    *,
+    force: bool = False,
+) -> bool:
+    """End the run as FINISHED, FAILED or KILLED; a FAILED run gets its error as the tag
+    ``error`` (one line) and the artifact ``error.txt`` (the traceback).
+
+    Only a RUNNING run is closed (unless ``force``): whoever ends it first — the run's own
+    driver, or a sweep that saw its trial stop — decides, and a late second close cannot turn
+    a KILLED trial into FAILED. Returns whether this call closed it.
+    """
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
-    tracking_client(uri).set_terminated(run_id, status=status)
+    client = tracking_client(uri)
+    if not force and client.get_run(run_id).info.status != "RUNNING":
+        return False
+    if error is not None:
+        text = (
+            error
+            if isinstance(error, str)
+            else "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        )
+        client.set_tag(run_id, "error", error_line(error))
+        client.log_text(run_id, text, "error.txt")
+    client.set_terminated(run_id, status=status)
+    return True
+
+
+def error_line(error: BaseException | str) -> str:
+    """The one line that names an error: its last non-empty line (a traceback's message)."""
+    if not isinstance(error, str):
+        error = f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
 
 
 def run_status(uri: str, run_id: str) -> str:
@@ -322,6 +364,17 @@ def _find_relay(uri: str):
     return _RELAYS[uri]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     import socket
 
@@ -365,7 +418,13 @@ class LocalServer:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,  # a driver killed with -9 takes its server along
+        )
         self.uri = f"http://127.0.0.1:{port}"
         deadline = time.time() + self.start_timeout
         while time.time() < deadline:

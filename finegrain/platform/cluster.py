@@ -1,0 +1,280 @@
+"""The Ray cluster a command runs on: connect to it (or start one), size the work to it, and
+check that everything a run reserved is given back.
+
+:func:`connect` — an explicit ``--address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it),
+else a *fresh* local Ray (``address="local"``): a stale ``ray_current_cluster`` pointer left by
+a head that died without ``ray stop`` does not matter. The local Ray has the machine's real CPU
+count, since runs are sized against it, and its dashboard on 127.0.0.1: Ray Train's
+``PlacementGroupCleaner`` asks the State API (served by the dashboard) whether a run's
+controller is alive, and removes the run's placement group when it is not. Without it, the
+placement group of every trial that Tune stops (time budget, ASHA, an error) stays reserved and
+the next runs wait forever for its CPUs.
+
+:func:`run_resources` — the Ray resources one run holds while it trains: its training workers,
+each worker's decode actors and read task, and the Tune trial that drives it.
+:func:`plan_concurrency` — how many such runs the cluster holds at once (its current size, or the
+largest size its autoscaler may reach), printed; a run that cannot fit fails before anything
+starts. :func:`wait_released` — after a sweep or suite, the cluster's resources are all free
+again, or the command says what still holds them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from finegrain.platform.config import ExperimentConfig
+
+TRIAL_CPUS = 0.25  # a Tune trial's actor only waits for its TorchTrainer
+
+
+class ClusterTooSmall(ValueError):
+    """One run needs more than the whole cluster offers."""
+
+
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True
+) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a fresh local Ray with
+    ``num_cpus`` CPUs (default: the machine's)."""
+    import ray
+
+    from finegrain.platform.logs import quiet_ray_logs
+
+    quiet_ray_logs()
+    if ray.is_initialized():
+        return
+    hook = "finegrain.platform.logs.quiet_worker_logs"  # run in every worker this job starts
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # (Ray merges this with the runtime env `ray job submit` gave the job)
+        ray.init(
+            address=address,
+            runtime_env={"worker_process_setup_hook": hook},
+            log_to_driver=log_to_driver,
+            logging_level="warning",
+        )
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
+        dashboard_host="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": hook},
+        log_to_driver=log_to_driver,
+        logging_level="warning",
+    )
+
+
+@dataclass(frozen=True)
+class RunResources:
+    """The Ray resources of one run while it trains."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    decode_actors: int  # per worker
+    decode_cpus: float
+    read_cpus: float
+    trial_cpus: float
+
+    @property
+    def data_cpus(self) -> float:
+        """Per worker: its decode actors and one read task."""
+        return self.decode_actors * self.decode_cpus + self.read_cpus
+
+    @property
+    def cpus(self) -> float:
+        return self.trial_cpus + self.workers * (self.cpus_per_worker + self.data_cpus)
+
+    @property
+    def gpus(self) -> float:
+        return self.workers * self.gpus_per_worker
+
+    def describe(self) -> str:
+        w, a = self.workers, self.workers * self.decode_actors
+        parts = [
+            f"{_n(w, 'worker')} ({_g(self.cpus_per_worker)} CPU"
+            + (f", {_g(self.gpus_per_worker)} GPU" if self.gpus_per_worker else "")
+            + " each)",
+            f"{_n(a, 'decode actor')} ({_g(self.decode_cpus)} CPU each)",
+            f"{_n(w, 'read task')} ({_g(self.read_cpus)} CPU each)",
+        ]
+        if self.trial_cpus:
+            parts.append(f"the trial ({_g(self.trial_cpus)} CPU)")
+        gpus = f", {_g(self.gpus)} GPUs" if self.gpus else ""
+        return f"{_g(self.cpus)} CPUs{gpus}: " + " + ".join(parts)
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def run_resources(cfg: ExperimentConfig, *, in_trial: bool) -> RunResources:
+    """What one run of ``cfg`` holds; ``in_trial``: driven by a Tune trial actor."""
+    return RunResources(
+        workers=cfg.scaling.workers,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
+        gpus_per_worker=cfg.scaling.gpus_per_worker,
+        decode_actors=cfg.data.decode_actors,
+        decode_cpus=cfg.data.decode_cpus,
+        read_cpus=cfg.data.read_cpus,
+        trial_cpus=TRIAL_CPUS if in_trial else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    gpus: float
+    autoscaling: bool  # the sizes are the most the autoscaler may reach
+    node_cpus: float  # the largest node's (for one training worker)
+    node_gpus: float
+
+    def describe(self) -> str:
+        size = f"{_g(self.cpus)} CPUs" + (f", {_g(self.gpus)} GPUs" if self.gpus else "")
+        return f"autoscaling cluster of up to {size}" if self.autoscaling else size
+
+
+def capacity() -> Capacity:
+    """The cluster's size now, or the most its autoscaler may reach (Ray Train's own source)."""
+    import ray
+    from ray._private.state import state  # what Ray Train checks its worker groups against
+
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    node_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    try:
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # no autoscaler (a local Ray, a fixed `ray start` cluster)
+        most = None
+    if most and (
+        most.get("CPU", 0) > total.get("CPU", 0) or most.get("GPU", 0) > total.get("GPU", 0)
+    ):
+        return Capacity(
+            cpus=max(float(most.get("CPU", 0)), total.get("CPU", 0.0)),
+            gpus=max(float(most.get("GPU", 0)), total.get("GPU", 0.0)),
+            autoscaling=True,
+            node_cpus=math.inf,  # node types are the autoscaler's to choose
+            node_gpus=math.inf,
+        )
+    return Capacity(total.get("CPU", 0.0), total.get("GPU", 0.0), False, node_cpus, node_gpus)
+
+
+def plan_concurrency(
+    need: RunResources, requested: int, *, what: str = "trial", say: bool = True
+) -> int:
+    """At most ``requested`` runs at once, as many as the cluster holds, at least one.
+
+    Raises :class:`ClusterTooSmall` when one run does not fit on the whole cluster (or one
+    training worker on its largest node), naming the numbers.
+    """
+    cap = capacity()
+    eps = 1e-9
+    problems = []
+    if need.cpus > cap.cpus + eps:
+        problems.append(f"{_g(need.cpus)} CPUs but the cluster has {_g(cap.cpus)}")
+    if need.gpus > cap.gpus + eps:
+        problems.append(f"{_g(need.gpus)} GPUs but the cluster has {_g(cap.gpus)}")
+    if need.cpus_per_worker > cap.node_cpus + eps or need.gpus_per_worker > cap.node_gpus + eps:
+        problems.append(
+            f"a training worker needs {_g(need.cpus_per_worker)} CPU / "
+            f"{_g(need.gpus_per_worker)} GPU on one node; the largest node has "
+            f"{_g(cap.node_cpus)} / {_g(cap.node_gpus)}"
+        )
+    if problems:
+        raise ClusterTooSmall(
+            f"one {what} needs {need.describe()}; " + "; ".join(problems) + ". Lower "
+            "scaling.workers, scaling.cpus_per_worker, data.decode_actors or data.decode_cpus "
+            "(--set ...), or use a larger cluster"
+        )
+    fits = math.floor((cap.cpus + eps) / need.cpus) if need.cpus > 0 else requested
+    if need.gpus > 0:
+        fits = min(fits, math.floor((cap.gpus + eps) / need.gpus))
+    n = max(1, min(requested, fits))
+    if say:
+        limited = f" (asked for {requested})" if n < requested else ""
+        print(
+            f"{cap.describe()}: {_n(n, what)} at a time{limited}, each {need.describe()}",
+            flush=True,
+        )
+    return n
+
+
+def watch_preemptions() -> None:
+    """Ray Train's preemption watcher (an actor per worker group that polls for node drains)
+    only where nodes get drained: on an autoscaling cluster (spot nodes, scale-down). On a fixed
+    cluster — a laptop, a `ray start` head — nothing drains a node, so it has nothing to watch;
+    off, it also stops logging at every worker-group start that its restart could fail
+    (ray#53727). Call it in the process that runs the TorchTrainer: Ray Train passes this
+    environment variable on to its controller."""
+    on = capacity().autoscaling
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if on else "0"
+
+
+def live_placement_groups() -> dict[str, dict]:
+    """This job's placement groups that are not removed (Tune's trials', Ray Train's)."""
+    import ray
+    from ray.util import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()  # a placement group id ends with its job's id
+    return {
+        pg_id: group
+        for pg_id, group in placement_group_table().items()
+        if pg_id.endswith(job) and group.get("state") != "REMOVED"
+    }
+
+
+# Actors that live as long as the job by design and hold no resources: our MLflow relay, and
+# the coordinator Ray Data starts once per job for its actor pools' autoscaling.
+_JOB_LONG_ACTORS = ("_AutoscalingCoordinatorActor",)
+
+
+def live_actors() -> list[str]:
+    """This job's actors that are alive or being created, other than those that live as long
+    as the job by design; [] without the State API."""
+    import ray
+
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(
+            filters=[("job_id", "=", ray.get_runtime_context().get_job_id())],
+            raise_on_missing_output=False,
+        )
+    except Exception:  # no dashboard (State API): nothing to wait for
+        return []
+    return [
+        f"{a.class_name} ({a.state})"
+        for a in actors
+        if a.state != "DEAD"
+        and not (a.name or "").startswith("finegrain-mlflow-")
+        and a.class_name not in _JOB_LONG_ACTORS
+    ]
+
+
+def wait_released(timeout: float = 30.0) -> bool:
+    """Wait until this job holds no placement group and runs no actor any more (its runs are
+    over, Tune and Ray Train gave their reservations back, no worker is still starting);
+    else print what is left and return False."""
+    deadline = time.monotonic() + timeout
+    while (groups := live_placement_groups()) or (actors := live_actors()):
+        if time.monotonic() > deadline:
+            left = [
+                f"placement group {pg_id[:12]}… {g.get('state')} "
+                f"{list(g.get('bundles', {}).values())}"
+                for pg_id, g in groups.items()
+            ] + (actors if not groups else [])
+            print(
+                f"warning: {timeout:.0f} s after the end, this job still holds: " + ", ".join(left),
+                flush=True,
+            )
+            return False
+        time.sleep(0.5)
+    return True

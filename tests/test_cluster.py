@@ -1,0 +1,97 @@
+"""The cluster a run lands on: concurrency sized to it, a local Ray that always starts, and
+resources that always come back (issue 10)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import TINY_RUN
+
+from finegrain.platform import cluster
+from finegrain.platform.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _capacity(cpus, gpus=0.0, autoscaling=False, node_cpus=None, node_gpus=None):
+    return cluster.Capacity(
+        cpus,
+        gpus,
+        autoscaling,
+        node_cpus if node_cpus is not None else cpus,
+        node_gpus if node_gpus is not None else gpus,
+    )
+
+
+def test_run_resources_count_workers_decoders_reads_and_the_trial():
+    cfg = load_config("tune_synthetic")  # 1 worker x 1 CPU, 1 decode actor x 0.5, read 0.25
+    need = cluster.run_resources(cfg, in_trial=True)
+    assert need.cpus == pytest.approx(0.25 + 1 + 0.5 + 0.25) and need.gpus == 0
+    two = cluster.run_resources(
+        load_config("tune_synthetic", ["scaling.workers=2", "scaling.gpus_per_worker=1"]),
+        in_trial=False,
+    )
+    assert two.cpus == pytest.approx(2 * 1.75) and two.gpus == 2
+    assert "2 workers (1 CPU, 1 GPU each) + 2 decode actors" in two.describe()
+
+
+def test_concurrency_is_what_the_cluster_holds_at_least_one_and_printed(monkeypatch, capsys):
+    need = cluster.run_resources(load_config("tune_synthetic"), in_trial=True)  # 2 CPUs
+    monkeypatch.setattr(cluster, "capacity", lambda: _capacity(2.0))
+    assert cluster.plan_concurrency(need, 8) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("2 CPUs: 1 trial at a time (asked for 8), each 2 CPUs: 1 worker")
+    monkeypatch.setattr(cluster, "capacity", lambda: _capacity(9.0))
+    assert cluster.plan_concurrency(need, 8, say=False) == 4
+    assert cluster.plan_concurrency(need, 3, say=False) == 3
+    # an autoscaling cluster is sized by the most its autoscaler may add
+    monkeypatch.setattr(cluster, "capacity", lambda: _capacity(40.0, 8.0, True, math.inf, math.inf))
+    gpu = cluster.run_resources(
+        load_config("tune_synthetic", ["scaling.gpus_per_worker=1"]), in_trial=True
+    )
+    assert cluster.plan_concurrency(gpu, 16) == 8
+    assert capsys.readouterr().out.startswith("autoscaling cluster of up to 40 CPUs, 8 GPUs")
+
+
+def test_a_run_larger_than_the_cluster_fails_before_anything_starts(monkeypatch):
+    monkeypatch.setattr(cluster, "capacity", lambda: _capacity(2.0, node_cpus=2.0))
+    need = cluster.run_resources(
+        load_config("tune_synthetic", ["scaling.workers=2"]), in_trial=True
+    )
+    with pytest.raises(cluster.ClusterTooSmall, match=r"needs 3.75 CPUs.*has 2\. Lower"):
+        cluster.plan_concurrency(need, 1)
+    wide = cluster.run_resources(
+        load_config("tune_synthetic", ["scaling.cpus_per_worker=3"]), in_trial=False
+    )
+    monkeypatch.setattr(cluster, "capacity", lambda: _capacity(8.0, node_cpus=2.0))
+    with pytest.raises(cluster.ClusterTooSmall, match="largest node has 2 / 0"):
+        cluster.plan_concurrency(wide, 1)
+
+
+@pytest.mark.slow
+def test_train_starts_its_own_ray_despite_a_stale_cluster_pointer(tmp_path):
+    """A head that died without `ray stop` leaves ray_current_cluster behind; without
+    RAY_ADDRESS a run starts a fresh local Ray and ignores it."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fgray-", dir="/tmp"))  # socket paths stay short
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nobody there
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    done = subprocess.run(
+        [sys.executable, "experiments/train.py", "--set", *TINY_RUN, f"run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "MLflow run id:" in done.stdout
