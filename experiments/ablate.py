@@ -40,10 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="base config overrides")
     p.add_argument("--variants", nargs="+", metavar="NAME", help="only these rows (one suite)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="at most this many runs at once (default: as many as the cluster holds)")  # fmt: skip
     p.add_argument("--workers-per-run", type=int, default=None, help="Ray Train workers per run")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     from finegrain.platform import ablate
 
     try:
-        if args.seeds < 1 or args.max_concurrent < 1:
+        if args.seeds < 1 or (args.max_concurrent or 1) < 1:
             raise ConfigError("--seeds and --max-concurrent must be >= 1")
         if args.workers_per_run is not None and args.workers_per_run < 1:
             raise ConfigError("--workers-per-run must be >= 1")
@@ -79,35 +82,41 @@ def main(argv=None) -> int:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
 
-    from finegrain.platform.tracking import ui_command
+    from finegrain.platform.cluster import ClusterTooSmall
+    from finegrain.platform.logs import console_log
+    from finegrain.platform.tracking import run_root, ui_command
 
     failed = []
-    for suite, base in plans:
-        try:
-            result = ablate.run_suite(
-                suite,
-                base,
-                seeds=range(args.seeds),
-                variants=args.variants,
-                max_concurrent=args.max_concurrent,
-            )
-        except ConfigError as e:
-            print(f"config error:\n{e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
+    with console_log(run_root(plans[0][1].run.dir), f"ablate-{args.suite}"):
+        for suite, base in plans:
+            try:
+                result = ablate.run_suite(
+                    suite,
+                    base,
+                    seeds=range(args.seeds),
+                    variants=args.variants,
+                    max_concurrent=args.max_concurrent,
+                    address=args.address,
+                )
+            except (ConfigError, ClusterTooSmall) as e:
+                print(f"config error:\n{e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(
+                    f"\nsuite {suite.name} interrupted: rerun the same command to finish it "
+                    "(finished runs are not trained again)",
+                    file=sys.stderr,
+                )
+                return 130
+            print("\n" + result.markdown)
+            print(f"wrote {result.markdown_path} and {result.png_path}")
             print(
-                f"\nsuite {suite.name} interrupted: rerun the same command to finish it "
-                "(finished runs are not trained again)",
-                file=sys.stderr,
+                f"MLflow summary run {result.summary_run_id}; UI: {ui_command(result.tracking_uri)}"
             )
-            return 130
-        print("\n" + result.markdown)
-        print(f"wrote {result.markdown_path} and {result.png_path}")
-        print(f"MLflow summary run {result.summary_run_id}; UI: {ui_command(result.tracking_uri)}")
-        failed += result.failed
-    if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
+            failed += result.failed
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     return 0
 
 

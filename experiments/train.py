@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, help="scaling.gpus_per_worker")
     p.add_argument("--run-name", help="run.name; an existing name resumes that run")
     p.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or embedded)")
+    p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")
     return p.parse_args(argv)
 
 
@@ -48,21 +49,30 @@ def main(argv=None) -> int:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
 
-    from finegrain.platform.tracking import ui_command
+    from finegrain.platform.cluster import ClusterTooSmall
+    from finegrain.platform.logs import console_log
+    from finegrain.platform.tracking import run_root
     from finegrain.platform.train import run_experiment
 
-    try:
-        result = run_experiment(cfg)
-    except ValueError as e:  # raised before Ray starts: a config that cannot work
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
+    with console_log(run_root(cfg.run.dir), f"train-{cfg.model.method}"):
+        try:
+            result = run_experiment(cfg, address=args.address)
+        except (ValueError, ClusterTooSmall) as e:  # before Ray starts: a config that cannot work
+            print(f"config error:\n{e}", file=sys.stderr)
+            return 2
+        report(result)
+    return 0
+
+
+def report(result) -> None:
+    from finegrain.platform.tracking import ui_command
+
     print(f"\nMLflow run id: {result.run_id}  (run name {result.run_name})")
     keys = ["val_top1", "val_top5", "val_mean_class_acc", "val_spatial_top1", "val_temporal_top1"]
     for k in keys + ["val_best_top1", "train_loss"]:
         if k in result.metrics:
             print(f"  {k:<22} {result.metrics[k]:.4f}")
     print(f"Open the MLflow UI: {ui_command(result.tracking_uri)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def parse_args(argv=None, method: str | None = None) -> argparse.Namespace:
     p.add_argument("--space", default=None, help="YAML search space (default: the method's)")
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="base config overrides")
     p.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="at most this many trials at once (default: as many as the cluster holds)")  # fmt: skip
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--time-budget", type=float, default=360, help="seconds for the search (360)")
@@ -43,6 +44,8 @@ def parse_args(argv=None, method: str | None = None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the one-pass baseline run")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster (default: $RAY_ADDRESS, else a fresh local Ray)")  # fmt: skip
     args = p.parse_args(argv)
     if method is not None:
         args.method = method
@@ -52,7 +55,7 @@ def parse_args(argv=None, method: str | None = None) -> argparse.Namespace:
 def main(argv=None, method: str | None = None) -> int:
     args = parse_args(argv, method)
     try:
-        if args.num_samples < 1 or args.max_concurrent < 1 or args.workers_per_trial < 1:
+        if args.num_samples < 1 or (args.max_concurrent or 1) < 1 or args.workers_per_trial < 1:
             raise ConfigError("--num-samples, --max-concurrent, --workers-per-trial must be >= 1")
         if args.time_budget is not None and args.time_budget <= 0:
             raise ConfigError("--time-budget must be > 0 seconds")
@@ -70,27 +73,38 @@ def main(argv=None, method: str | None = None) -> int:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
 
-    from finegrain.platform.tracking import ui_command
+    from finegrain.platform.cluster import ClusterTooSmall
+    from finegrain.platform.logs import console_log
+    from finegrain.platform.tracking import run_root
     from finegrain.platform.tune import SweepInterrupted, run_sweep
 
-    try:
-        result = run_sweep(
-            base,
-            space=space,
-            num_samples=args.num_samples,
-            max_concurrent=args.max_concurrent,
-            time_budget=args.time_budget,
-            resume=args.resume,
-            name=args.name,
-            baseline=not args.no_baseline,
-            seed=args.seed,
-        )
-    except ConfigError as e:
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
-    except SweepInterrupted as e:
-        print(f"\nsweep {e.name} interrupted: rerun the same command with --resume {e.name}")
-        return 130
+    with console_log(run_root(base.run.dir), f"tune-{args.method}"):
+        try:
+            result = run_sweep(
+                base,
+                space=space,
+                num_samples=args.num_samples,
+                max_concurrent=args.max_concurrent or args.num_samples,
+                time_budget=args.time_budget,
+                resume=args.resume,
+                name=args.name,
+                baseline=not args.no_baseline,
+                seed=args.seed,
+                address=args.address,
+            )
+        except (ConfigError, ClusterTooSmall) as e:
+            print(f"config error:\n{e}", file=sys.stderr)
+            return 2
+        except SweepInterrupted as e:
+            print(f"\nsweep {e.name} interrupted: rerun the same command with --resume {e.name}")
+            return 130
+        report(result)
+    return 0
+
+
+def report(result) -> None:
+    from finegrain.platform.tracking import ui_command
+
     print(f"\nsweep {result.name}: {len(result.table)} trials")
     print(result.table.head(10).to_string(index=False))
     print("\nbest configuration:")
@@ -103,7 +117,6 @@ def main(argv=None, method: str | None = None) -> int:
     print(
         f"MLflow parent run {result.parent_run_id}; open the UI: {ui_command(result.tracking_uri)}"
     )
-    return 0
 
 
 if __name__ == "__main__":

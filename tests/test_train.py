@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,14 @@ from helpers import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from finegrain.models import METHODS
+from finegrain.platform import cluster
 from finegrain.platform.config import load_config
-from finegrain.platform.train import CHECKPOINT_FILE, run_experiment, stage_plan
+from finegrain.platform.train import (
+    CHECKPOINT_FILE,
+    evaluate_checkpoint,
+    run_experiment,
+    stage_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,13 +34,18 @@ TINY = [*TINY_RUN, "optim.warmup_epochs=0", "scaling.workers=2"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs")
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    # 6 logical CPUs: three 1-CPU workers and their decode actors fit (evaluation test)
+    cluster.connect(num_cpus=6)
     yield path
     ray.shutdown()
 
 
 def tiny_config(run_dir: Path, *overrides: str):
     return load_config("synthetic", [*TINY, f"run.dir={run_dir}", *overrides])
+
+
+def tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
 def run_files(run_dir: Path, name: str) -> list[Path]:
@@ -75,17 +87,29 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert {"eval/confusion_matrix.png", "eval/per_class_accuracy.csv"} <= evals
 
 
-def test_resume_continues_at_epoch_two_with_the_optimizer_state(run_dir):
-    # epoch 1 completes and is checkpointed, then the run dies in epoch 2 (no retries)
+def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_error(run_dir):
+    """Epoch 1 completes and is checkpointed, then the run dies in epoch 2 (no retries): the
+    run is FAILED with its error. Resumed under the same name it continues at epoch 2 with
+    the optimizer, the schedule, the random state and epoch 2's clips of an uninterrupted
+    run of the same seed, so epoch 2 ends exactly as that run's does."""
     cfg = tiny_config(
         run_dir, "run.name=resume", "optim.epochs=2", "run.fail_at_step=3", "run.max_failures=0"
     )
     with pytest.raises(Exception, match="fault injection"):
         run_experiment(cfg, quiet=True)
+    client = MlflowClient(tracking_uri(run_dir))
+    failed = client.search_runs(
+        [client.get_experiment_by_name("finegrain").experiment_id],
+        filter_string="attributes.run_name = 'resume'",
+    )[0]
+    assert failed.info.status == "FAILED"
+    assert "fault injection: rank 1 fails at step 3" in failed.data.tags["error"]
+    trace = client.download_artifacts(failed.info.run_id, "error.txt", str(run_dir))
+    assert "Traceback" in Path(trace).read_text()
     first = run_files(run_dir, "resume")
     assert len(first) == 1
     saved = torch.load(first[0] / CHECKPOINT_FILE, weights_only=False)
-    assert saved["epoch"] == 0
+    assert saved["epoch"] == 0 and len(saved["rng"]) == 2  # both ranks' random states
 
     result = run_experiment(cfg, quiet=True)  # same name: resumes (the fault fires only once)
     assert result.metrics["epoch"] == 2
@@ -94,9 +118,25 @@ def test_resume_continues_at_epoch_two_with_the_optimizer_state(run_dir):
     assert final["scheduler"]["last_epoch"] == 2  # continued, not restarted
     momentum = saved["optimizer"]["state"]
     assert momentum and final["optimizer"]["state"].keys() == momentum.keys()
-    client = MlflowClient(result.tracking_uri)
     assert [h.step for h in client.get_metric_history(result.run_id, "val_top1")] == [1, 2]
     assert client.get_run(result.run_id).info.status == "FINISHED"
+
+    straight = run_experiment(
+        tiny_config(run_dir, "run.name=straight", "optim.epochs=2"), quiet=True
+    )
+    keys = ["train_loss", "val_top1", "val_top5", "val_mean_class_acc"]
+    assert {k: result.metrics[k] for k in keys} == {k: straight.metrics[k] for k in keys}
+
+
+def test_the_same_checkpoint_evaluates_identically_on_1_2_and_3_workers(run_dir):
+    """Every validation view is evaluated exactly once whatever the number of workers (none is
+    dropped to even out the ranks' shares), so the metrics are identical."""
+    cfg = tiny_config(run_dir, "run.name=evaluated", "eval.clips=2")
+    run_experiment(cfg, quiet=True)
+    checkpoint = run_dir / "evaluated" / "best.pt"
+    results = [evaluate_checkpoint(cfg, checkpoint, workers=w) for w in (1, 2, 3)]
+    assert results[0]["val_videos"] == 4  # 4 videos x 2 views, each seen once
+    assert results[0] == results[1] == results[2]
 
 
 def test_fault_injection_recovers_with_max_failures(run_dir):
@@ -174,3 +214,75 @@ def test_a_corrupt_training_video_is_skipped_named_and_counted_in_the_run(run_di
     assert run.data.metrics["bad_videos"] >= 1
     note = client.download_artifacts(result.run_id, "bad_videos.txt", str(tmp_path))
     assert victim in Path(note).read_text()
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of this Ray's training-worker processes (children of its raylet)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet and b"RayTrainWorker" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_training_worker_killed_mid_epoch_costs_at_most_an_epoch_and_no_run(run_dir, capfd):
+    """`kill -9` of a training worker in epoch 2 with run.max_failures=1: Ray Train restarts
+    the worker group from the last checkpoint; the run finishes in its one MLflow run."""
+    import signal
+    import threading
+
+    cfg = load_config(
+        "synthetic",
+        [
+            "data.synthetic.size=32",
+            "data.short_side=32",
+            "data.crop=32",
+            "model.width=4",
+            "optim.epochs=4",
+            "scaling.workers=1",
+            "run.max_failures=1",
+            f"run.dir={run_dir}",
+            "run.name=killed-worker",
+        ],
+    )  # 12 classes x 18 training videos: epochs of ~1 s, so the kill lands inside one
+    uri = tracking_uri(run_dir)
+    done: dict = {}
+    trainer = threading.Thread(
+        target=lambda: done.update(result=run_experiment(cfg, quiet=True)), daemon=True
+    )
+    trainer.start()
+    client, killed, deadline = MlflowClient(uri), [], time.time() + 300
+    while not killed and time.time() < deadline and trainer.is_alive():
+        time.sleep(0.2)
+        exp = client.get_experiment_by_name("finegrain")
+        runs = exp and client.search_runs(
+            [exp.experiment_id], filter_string="attributes.run_name = 'killed-worker'"
+        )
+        # Ray Train writes its snapshot once a reported checkpoint is registered
+        registered = run_dir / "ray" / "killed-worker" / "checkpoint_manager_snapshot.json"
+        if runs and registered.is_file():
+            for pid in train_worker_pids():  # epoch 1 is checkpointed: the worker is in epoch 2
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    trainer.join(timeout=300)
+    assert killed, "never saw epoch 1 end"
+    result = done["result"]
+    assert result.metrics["epoch"] == 4
+    runs = client.search_runs(
+        [client.get_experiment_by_name("finegrain").experiment_id],
+        filter_string="attributes.run_name = 'killed-worker'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "val_top1")]
+    assert set(steps) == {1, 2, 3, 4} and len(steps) <= 5, steps  # at most one epoch again
+    out, deadline = "", time.time() + 20  # the workers' lines come through Ray's log monitor
+    while "resumed at epoch" not in out and time.time() < deadline:
+        time.sleep(0.5)
+        out += capfd.readouterr().out
+    assert "[killed-worker] resumed at epoch 2" in out, out[-2000:]

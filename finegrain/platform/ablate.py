@@ -35,7 +35,13 @@ from typing import Any
 import yaml
 
 from finegrain.platform import tracking
-from finegrain.platform.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+from finegrain.platform.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    apply_params,
+    load_config,
+)
 
 DEFAULT_CONFIG = "tune_synthetic"  # tiny backbone (width 8), 48 px, 8 frames, 4 epochs
 
@@ -245,8 +251,6 @@ def variant_config(
     A row that switches ``model.method`` (the one-pass baseline) keeps the backbone fields of
     the model section and drops the suite method's options.
     """
-    from finegrain.platform.tune import apply_params
-
     overrides = dict(variant.overrides)
     if variant.evaluates:
         overrides = {**suite.variant(variant.evaluates).overrides, **overrides}
@@ -286,7 +290,8 @@ def check_suite(base: ExperimentConfig, suite: Suite, variants: Sequence[Variant
 # Config fields that do not change what a run computes (where and how it runs): a finished run
 # whose other params differ was trained with another configuration.
 VOLATILE = ("tracking.", "scaling.", "run.name", "run.dir", "run.log_every", "run.max_failures")
-VOLATILE += ("run.fail_at_step", "data.decode_actors", "data.decode_cpus", "eval.batch_size")
+VOLATILE += ("run.fail_at_step", "run.startup_retries", "eval.batch_size", "eval.cache_mb")
+VOLATILE += ("data.decode_actors", "data.decode_cpus", "data.decode_batch", "data.read_cpus")
 
 
 def config_diff(cfg: ExperimentConfig, params: dict[str, str]) -> list[str]:
@@ -321,15 +326,17 @@ def ablation_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from finegrain.platform.config import validate
+    from finegrain.platform.logs import quiet_ray_logs
     from finegrain.platform.train import run_experiment
 
+    quiet_ray_logs()
     variant, seed = params["run"]["variant"], params["run"]["seed"]
     cfg = validate(configs[run_name(suite, variant, seed)])
     cfg.tracking.mlflow_uri = uri
     cfg.tracking.parent_run_id = parent
     # created here with the ablation's tags; run_experiment finds it by name and trains into it
     _open(cfg, uri, suite, variant)
-    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True)
+    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True, in_trial=True)
 
 
 def _open(cfg: ExperimentConfig, uri: str, suite: str, variant: str, **tags: str) -> str:
@@ -357,18 +364,22 @@ def run_suite(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     variants: Sequence[str] | None = None,
-    max_concurrent: int = 2,
+    max_concurrent: int | None = None,
+    address: str | None = None,
 ) -> SuiteResult:
-    """Train (and evaluate) ``variants`` × ``seeds`` of ``suite``; write and log its table."""
-    from finegrain.platform.data import bad_video_note, own_bad_video_log, prepare_data
-    from finegrain.platform.train import ensure_ray
-    from finegrain.platform.tune import close_stopped_children, tracking_server
+    """Train (and evaluate) ``variants`` × ``seeds`` of ``suite``; write and log its table.
+
+    At most ``max_concurrent`` runs at once (default: as many as the cluster holds).
+    """
+    from finegrain.platform import cluster
+    from finegrain.platform.data import prepare_data
+    from finegrain.platform.sweeps import close_stopped_children, tracking_server
 
     suite = get_suite(suite) if isinstance(suite, str) else suite
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds or min(seeds) < 0:
         raise ConfigError(f"seeds: need at least one seed >= 0, got {seeds}")
-    if max_concurrent < 1:
+    if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent}")
     chosen = select(suite, variants)
     check_suite(base, suite, chosen)
@@ -377,9 +388,11 @@ def run_suite(
     }  # suite order, then seed
     for cfg in {c.data.model_dump_json(): c for c in runs.values()}.values():
         prepare_data(cfg)  # once, in the driver: the runs find the shards cached
-    ensure_ray(base, concurrent_runs=max_concurrent)
-    _check_cpus(base, max_concurrent)
-    own_bad_video_log()
+    cluster.connect(address)
+    need = max(
+        (cluster.run_resources(c, in_trial=True) for c in runs.values()), key=lambda r: r.cpus
+    )
+    concurrent = cluster.plan_concurrency(need, max_concurrent or len(runs), what="run")
 
     root = tracking.run_root(base.run.dir)
     out_dir = root / "ablate" / suite.name
@@ -395,6 +408,7 @@ def run_suite(
         )
         failed: list[str] = []
         try:
+            close_stopped_children(uri, summary)  # runs that ended while no driver watched
             done = _finished_runs(uri, experiment, runs)
             train = [k for k in runs if not _evaluates(suite, k) and k not in done]
             evaluate = [k for k in runs if _evaluates(suite, k) and k not in done]
@@ -406,42 +420,20 @@ def run_suite(
                 flush=True,
             )
             if train:
-                failed += _train(suite, runs, train, summary, uri, root, max_concurrent)
+                failed += _train(suite, runs, train, summary, uri, root, concurrent)
             close_stopped_children(uri, summary)
-            failed += _evaluate_all(suite, runs, evaluate, summary, uri, max_concurrent)
+            failed += _evaluate_all(suite, runs, evaluate, summary, uri, concurrent)
+            cluster.wait_released()
             result = _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary)
         except BaseException as e:
             close_stopped_children(uri, summary)
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            tracking.close_run(uri, summary, status)
+            tracking.close_run(uri, summary, status, error=None if status == "KILLED" else e)
+            cluster.wait_released()  # let the stopped runs wind down before Ray does
             raise
         tracking.close_run(uri, summary, "FINISHED")
-    count, note = bad_video_note()
-    if count:
-        print(f"note: {note}")
     result.failed = failed
     return result
-
-
-def _check_cpus(base: ExperimentConfig, max_concurrent: int) -> None:
-    """Warn when the cluster's CPUs cannot hold ``max_concurrent`` runs at once: each run's
-    trainer workers, decode actors and read tasks need theirs, and runs that each got only part
-    of them wait on one another. (A warning, not a cap: an autoscaling cluster grows.)"""
-    import ray
-
-    per_run = (
-        base.scaling.workers * base.scaling.cpus_per_worker
-        + base.data.decode_actors * base.data.decode_cpus
-        + 0.75  # Parquet read tasks and the Tune trial's own share
-    )
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if max_concurrent > 1 and cpus < max_concurrent * per_run:
-        print(
-            f"warning: the Ray cluster has {cpus:g} CPUs; {max_concurrent} concurrent runs need "
-            f"about {max_concurrent * per_run:g} ({per_run:g} each). Unless it autoscales, "
-            "lower --max-concurrent: runs holding part of their CPUs wait on one another.",
-            flush=True,
-        )
 
 
 def check_existing(
@@ -500,6 +492,9 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
     """The runs to train, as one Tune grid over their (variant, seed) pairs."""
     from ray import tune
 
+    from finegrain.platform.cluster import TRIAL_CPUS
+    from finegrain.platform.sweeps import TrialRuns, graceful_interrupt
+
     trainable = tune.with_parameters(
         ablation_trial,
         configs={runs[k].run.name: runs[k].model_dump(mode="json") for k in todo},
@@ -507,9 +502,13 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
         parent=summary,
         uri=uri,
     )
-    # the trial itself only waits for its TorchTrainer: a token CPU share
-    trainable = tune.with_resources(trainable, {"CPU": 0.25})
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
     grid = [{"variant": v, "seed": s} for v, s in todo]
+
+    def trial_run(trial) -> str:
+        return run_name(suite.name, trial.config["run"]["variant"], trial.config["run"]["seed"])
+
+    closer = TrialRuns(uri, experiment_name(suite.name), trial_run)
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search(grid)},
@@ -518,10 +517,9 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
             name=f"ablate-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(root / "ablate" / suite.name / "tune"),
             verbose=1,
+            callbacks=[closer],
         ),
     )
-    from finegrain.platform.tune import graceful_interrupt
-
     with graceful_interrupt() as interrupted:
         results = tuner.fit()
     if interrupted.is_set():  # Tune stopped the runs; a rerun trains the unfinished ones
@@ -531,9 +529,8 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
         if result.error is not None:
             run = result.config["run"]
             name = run_name(suite.name, run["variant"], run["seed"])
-            first = str(result.error).strip().splitlines()[-1:] or ["?"]
             failed.append(name)
-            print(f"run {name} failed: {first[0]}", flush=True)
+            print(f"run {name} failed: {tracking.error_line(result.error)}", flush=True)
     return failed
 
 
@@ -558,56 +555,26 @@ def final_checkpoint(cfg: ExperimentConfig) -> Path:
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig | dict, checkpoint: str | Path) -> dict[str, Any]:
-    """The model of ``cfg`` with ``checkpoint``'s weights, evaluated on the val split as the
-    training loop does (views averaged per video, the same metrics, the same autocast).
+    """The model of ``cfg`` with ``checkpoint``'s weights, evaluated on every validation view
+    by the training loop's own evaluation (:func:`finegrain.platform.train.evaluate_checkpoint`).
 
     Returns ``{"metrics": {"val_top1": ...}, "epoch": the checkpoint's epoch (1-based)}``.
-    Written here because the training loop's evaluation lives inside its Ray Train worker.
     """
-    import torch
-
-    from finegrain.datasets.pipeline import iter_clip_batches, to_model_input
-    from finegrain.models import build_model
     from finegrain.platform.config import validate
-    from finegrain.platform.data import prepare_data
-    from finegrain.platform.metrics import average_views, classification_metrics
-    from finegrain.platform.train import autocast_context
+    from finegrain.platform.train import evaluate_checkpoint as evaluate
 
     cfg = validate(cfg) if isinstance(cfg, dict) else cfg
-    torch.set_num_threads(cfg.scaling.threads_per_worker)
-    use_gpu = cfg.scaling.gpus_per_worker > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
-    spec = prepare_data(cfg, quiet=True)
-    k = len(spec.classes)
-    model = build_model(cfg.model.method, k, cfg.model.backbone, **cfg.model.options())
-    state = torch.load(checkpoint, map_location="cpu")
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    needs_labels = getattr(model, "needs_labels", False)  # U2S oracle: masks by the true class
-    autocast, _ = autocast_context(cfg, device)
-    logits, labels, ids = [], [], []
-    with torch.no_grad():
-        val = spec.datasets(cfg)["val"]  # lazy: the train split is never read
-        for batch in iter_clip_batches(val, cfg.eval.batch_size, device=device):
-            clips, y = to_model_input(batch["clips"]), batch["labels"]
-            with autocast:
-                output = model(clips, labels=y) if needs_labels else model(clips)
-            logits.append(output.logits.float().cpu())
-            labels.append(y.cpu())
-            ids.extend(batch["video_id"])
-    if not ids:
-        raise RuntimeError("the validation split produced no clips (see the data report)")
-    probs, video_labels, _ = average_views(torch.cat(logits), torch.cat(labels), ids)
-    result = classification_metrics(probs, video_labels, k, spec.classes, spec.class_groups)
-    metrics = {f"val_{n}": float(v) for n, v in result.items() if isinstance(v, int | float)}
-    metrics["val_videos"] = float(len(video_labels))
-    return {"metrics": metrics, "epoch": int(state.get("epoch", -1)) + 1}
+    out = evaluate(cfg, checkpoint)
+    epoch = int(out.pop("epoch", 0))
+    return {"metrics": {k: float(v) for k, v in out.items()}, "epoch": epoch}
 
 
 def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
     """Evaluation-only rows as Ray tasks (at most ``max_concurrent`` at once), each logged as
     a run of its own in the suite's experiment, next to the run it evaluates."""
     import ray
+
+    from finegrain.platform.cluster import TRIAL_CPUS
 
     failed, pending = [], {}
     queue = list(todo)
@@ -625,9 +592,8 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
                 print(f"run {cfg.run.name} skipped: {e}", flush=True)
                 failed.append(cfg.run.name)
                 continue
-            task = ray.remote(
-                num_cpus=cfg.scaling.cpus_per_worker, num_gpus=cfg.scaling.gpus_per_worker
-            )(evaluate_checkpoint)
+            # the task only waits for the TorchTrainer that evaluates, like a Tune trial
+            task = ray.remote(num_cpus=TRIAL_CPUS)(evaluate_checkpoint)
             print(f"evaluating {cfg.run.name} (checkpoint of {trained.run.name})", flush=True)
             ref = task.remote(cfg.model_dump(mode="json"), str(checkpoint))
             pending[ref] = (cfg, variant, checkpoint, trained_id)
@@ -641,8 +607,8 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
         try:
             out = ray.get(ready)
         except Exception as e:  # one failed evaluation never stops the suite
-            tracking.close_run(uri, run_id, "FAILED")
-            print(f"run {cfg.run.name} failed: {e}", flush=True)
+            tracking.close_run(uri, run_id, "FAILED", error=e)
+            print(f"run {cfg.run.name} failed: {tracking.error_line(e)}", flush=True)
             failed.append(cfg.run.name)
             continue
         logger = tracking.RunLogger(uri, run_id)

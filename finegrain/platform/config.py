@@ -12,6 +12,7 @@ one line naming the field and what is allowed, collected in :class:`ConfigError`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +52,16 @@ class DataConfig(_Section):
     short_side: int = Field(64, ge=16, le=1024)
     crop: int = Field(56, ge=16, le=1024)
     flip: bool | None = None  # None: off for ssv2 and synthetic (left/right classes), on otherwise
+    # per training worker: decode actors, the Ray CPUs each reserves (an actor decodes on one
+    # thread; the reservation is a scheduling token), videos per actor call, the Ray CPUs of
+    # a shard-read task
     decode_actors: int = Field(1, ge=1, le=256)
-    decode_cpus: float = Field(1.0, gt=0, le=64)
+    decode_cpus: float = Field(0.5, gt=0, le=64)
+    decode_batch: int = Field(16, ge=1, le=4096)
+    read_cpus: float = Field(0.25, ge=0, le=64)
+    # the previous epoch's training batches kept (uint8, CPU) for work between epochs (U2S's
+    # category similarity matrix): all of them when they fit, else a uniform sample
+    replay_mb: int = Field(256, ge=1, le=1 << 20)
 
     @model_validator(mode="after")
     def _crop_fits(self):
@@ -133,6 +142,9 @@ class EvalConfig(_Section):
     clips: int = Field(1, ge=1, le=32)  # temporal views per video
     crops: Literal[1, 3] = 1  # spatial views per clip
     batch_size: int = Field(32, ge=1, le=4096)
+    # the validation views are decoded once and kept in Ray's object store when they fit in
+    # this many MiB (0: decode them at every evaluation)
+    cache_mb: int = Field(1024, ge=0, le=1 << 22)
 
 
 class ScalingConfig(_Section):
@@ -156,6 +168,9 @@ class RunConfig(_Section):
     max_failures: int = Field(1, ge=-1, le=100)
     fail_at_step: int | None = Field(None, ge=0)  # fault injection: rank 1 raises once there
     log_every: int = Field(0, ge=0)  # steps between progress lines (0: epoch lines only)
+    # times a worker group that cannot get its resources within a minute is tried again before
+    # the run fails (None: 2 on a fixed cluster, 10 where an autoscaler may be adding nodes)
+    startup_retries: int | None = Field(None, ge=0, le=1000)
 
 
 class ExperimentConfig(_Section):
@@ -270,3 +285,30 @@ def _describe(error: ValidationError) -> str:
             got = err.get("input")
             lines.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f"; got {got!r}"))
     return "\n".join(lines)
+
+
+def apply_params(base: dict, params: dict[str, Any]) -> ExperimentConfig:
+    """Set dotted keys (``model.neurons``; ``model.gamma.0`` builds a list) on a config dict
+    and validate it: the one patcher of sweeps, suites and ``--set``-style overrides."""
+    raw = json.loads(json.dumps(base))
+    lists: dict[tuple[str, ...], dict[int, Any]] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if parts[-1].isdigit():
+            lists.setdefault(tuple(parts[:-1]), {})[int(parts[-1])] = value
+            continue
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = plain(value)
+    for parts, items in lists.items():
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = [plain(items[i]) for i in sorted(items)]
+    return validate(raw)
+
+
+def plain(value):
+    """numpy scalars (from the searchers) → Python values, so the config validates."""
+    return value.item() if hasattr(value, "item") else value

@@ -1,16 +1,26 @@
 """One training run on Ray Train: ``run_experiment(cfg)``.
 
-The driver prepares the data (the synthetic benchmark is generated and sharded on first use),
-opens the MLflow run, builds the Ray Data pipelines and runs a ``TorchTrainer``; it closes the
-MLflow run as FINISHED, FAILED or KILLED. Each worker runs :func:`train_loop_per_worker`:
+The driver (``train.py``'s process, or the Tune trial actor of a sweep) prepares the data (the
+synthetic benchmark is generated and sharded on first use), opens the MLflow run, creates the
+run's bad-video log (it owns it, so the log lives exactly as long as the run), and runs a
+``TorchTrainer``; it closes the MLflow run as FINISHED, FAILED (with an ``error`` tag) or KILLED.
+Each worker runs :func:`train_loop_per_worker`:
 
 - the model from ``build_model``; DDP through ``ray.train.torch.prepare_model`` (gloo on CPU,
   NCCL on GPU); AMP (bf16 by default, fp16 with a GradScaler) on GPU; seeds; gradient clipping;
   a warm-up + cosine/step LR schedule per training stage;
+- everything it reads from *one* Ray Data execution for all the epochs it has left
+  (:meth:`DataSpec.run_dataset`, :class:`~finegrain.datasets.pipeline.EpochBatches`): the
+  decode actors start once per run; each epoch's clips are fixed by the seed and the epoch
+  (restored from the checkpoint on resume); every rank takes the same number of steps; its
+  exact share of the validation views comes decoded once and is kept (or, when they do not fit
+  in ``eval.cache_mb``, after every epoch's training clips);
 - the method's procedure through the model's hook (``finegrain.models.base``): stages (U2S),
-  ``begin_stage`` between them (U2S's CSM pass), ``meta_step`` on extra disjoint batches (DSTS's
-  UDL). The loop never asks which method it trains;
-- evaluation every epoch on the validation views (averaged per video) with torchmetrics;
+  ``begin_stage`` between them (U2S's CSM pass, over a replay of the previous epoch's batches),
+  ``meta_step`` on batches of further independent samplers (DSTS's UDL). The loop never asks
+  which method it trains;
+- evaluation every epoch on every validation view, exactly once across the ranks (views of a
+  video averaged) with torchmetrics; a run fails rather than report a partial evaluation;
 - a checkpoint every epoch through ``ray.train.report``; the best model by val top-1 is kept in
   the run directory. Re-running with the same run name resumes from the latest checkpoint;
   ``FailureConfig(max_failures)`` restarts the workers after a failure, from that checkpoint.
@@ -19,9 +29,7 @@ MLflow run as FINISHED, FAILED or KILLED. Each worker runs :func:`train_loop_per
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -42,10 +50,10 @@ from ray.train.torch import TorchTrainer
 
 from finegrain.models import build_model
 from finegrain.models.base import FineGrainModel, TrainingStage, trainable_parameters
-from finegrain.platform import tracking
+from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ExperimentConfig
-from finegrain.platform.data import DataSpec, bad_video_note, own_bad_video_log, prepare_data
-from finegrain.platform.logs import quiet_worker_logs
+from finegrain.platform.data import DataSpec, bad_video_note, prepare_data
+from finegrain.platform.logs import quiet_ray_logs
 from finegrain.platform.metrics import average_views, classification_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -60,6 +68,13 @@ class RunResult:
     run_dir: Path
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver learns from building the model once (:func:`check_model`)."""
+
+    extra_batches: int  # further training samplers one step draws from (DSTS's UDL: 1)
+
+
 # ---------------------------------------------------------------------------------- driver
 
 
@@ -68,17 +83,30 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, *, callbacks: list | None = None, quiet: bool = False
+    cfg: ExperimentConfig,
+    *,
+    callbacks: list | None = None,
+    quiet: bool = False,
+    address: str | None = None,
+    in_trial: bool = False,
 ) -> RunResult:
-    """Train ``cfg`` on the Ray cluster (a local one if none is running) and track it."""
+    """Train ``cfg`` on the Ray cluster (a fresh local one if none is given) and track it.
+
+    ``in_trial``: driven by a Tune trial (a sweep or suite sized the cluster already).
+    """
     run_name = cfg.run.name or default_run_name(cfg)
     root = tracking.run_root(cfg.run.dir)
     uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.dir)
-    check_model(cfg)
+    facts = check_model(cfg)
     data = prepare_data(cfg, quiet=quiet)
-    ensure_ray(cfg)
+    cluster.connect(address)
+    if not in_trial:
+        need = cluster.run_resources(cfg, in_trial=False)
+        cluster.plan_concurrency(need, 1, what="run", say=not quiet)
     tracking.start_relay(uri)  # a store on this machine, workers on others: they log through it
-    own_bad_video_log()  # (in a sweep's trial this finds the sweep driver's)
+    from finegrain.datasets.pipeline import new_bad_video_log
+
+    bad_log = new_bad_video_log()  # this process owns it: it lives as long as the run
 
     run_id = tracking.open_run(
         uri,
@@ -98,26 +126,32 @@ def run_experiment(
     if not quiet:
         print(f"MLflow run {run_id} ({run_name}) in {uri}", flush=True)
 
-    trainer = build_trainer(cfg, data, run_name, uri, run_id, callbacks=callbacks)
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
+        trainer = build_trainer(cfg, data, run_name, uri, run_id, facts, bad_log, callbacks)
         result = trainer.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        count, note = bad_video_note()
-        if count:  # reported, never silently dropped: on the console and in the run
+        try:
+            bad = ray.get(bad_log.summary.remote(), timeout=30)
+        except Exception:  # the report never hides the run's own outcome
+            bad = {"count": 0, "events": 0, "first": []}
+        if bad["count"]:  # reported, never silently dropped: on the console and in the run
+            note = bad_video_note(bad)
             print(f"[{run_name}] note: {note}", flush=True)
-            logger.metrics({"bad_videos": count}, step=0)
-            logger.text(note + "\n", "bad_videos.txt")
-        tracking.close_run(uri, run_id, status)
+            logger.text(note + "\n", "bad_videos.txt")  # (the loop logs the count per epoch)
+        tracking.close_run(uri, run_id, status, error=error)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return RunResult(run_id, run_name, uri, metrics, root / run_name)
 
 
-def check_model(cfg: ExperimentConfig) -> None:
+def check_model(cfg: ExperimentConfig) -> ModelFacts:
     """Build the model and run one dummy clip of the configured shape, before data and Ray.
 
     A bad method option or a backbone/method/clip mismatch (e.g. DSTS fed too few time steps)
@@ -134,40 +168,12 @@ def check_model(cfg: ExperimentConfig) -> None:
         if first in (cfg.model.model_extra or {}):
             raise ValueError(f"model.{e}") from None
         raise
+    facts = ModelFacts(extra_batches=int(getattr(model, "extra_batches", 0)))
     clip = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.crop, cfg.data.crop)
     with torch.no_grad():
-        if getattr(model, "needs_labels", False):
-            return  # an oracle model needs an installed CSM; it is only evaluated
-        model(clip)
-
-
-def ensure_ray(cfg: ExperimentConfig, concurrent_runs: int = 1) -> None:
-    """Connect to the running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start a local one.
-
-    A local Ray gets enough logical CPUs for the training workers plus the decode actors, even on
-    a 2-core machine: logical CPUs are scheduling tokens, and without spare ones the Ray Data
-    actors would wait forever for the CPUs the trainer holds.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    per_run = (
-        cfg.scaling.workers * cfg.scaling.cpus_per_worker
-        + cfg.data.decode_actors * cfg.data.decode_cpus
-        + 0.5  # Parquet read tasks
-        + 0.25  # a Tune trial's own share (finegrain.platform.tune)
-    )
-    need = concurrent_runs * per_run + 1
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
-        include_dashboard=False,
-        runtime_env={"worker_process_setup_hook": quiet_worker_logs},
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="warning",
-    )
+        if not getattr(model, "needs_labels", False):  # an oracle needs an installed CSM
+            model(clip)
+    return facts
 
 
 def build_trainer(
@@ -176,9 +182,11 @@ def build_trainer(
     run_name: str,
     uri: str,
     run_id: str,
+    facts: ModelFacts,
+    bad_log: Any,
     callbacks: list | None = None,
 ) -> TorchTrainer:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -191,22 +199,36 @@ def build_trainer(
         "run_dir": str(root / run_name),
         "tracking_uri": uri,
         "run_id": run_id,
+        "shards": str(data.shards),
         "classes": data.classes,
         "class_groups": data.class_groups,
+        "streams": 1 + facts.extra_batches,
+        "bad_log": bad_log,
     }
+    retries = cfg.run.startup_retries
+    if retries is None:  # an autoscaler may take minutes to add the nodes a run waits for
+        retries = 10 if cluster.capacity().autoscaling else 2
+    cluster.watch_preemptions()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
-        datasets=data.datasets(cfg),
         run_config=RunConfig(
             name=run_name,
             storage_path=str(root / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # worker failures: run.max_failures restarts from the last checkpoint; a worker
+            # group that cannot start (its resources never come) is retried a bounded number of
+            # times (Train V2's default is forever)
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures, controller_failure_limit=retries
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
+            # the console gets Ray Train's warnings and errors; its INFO lines (worker-group
+            # start, process group set-up) stay in the session's logs/train/ files
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -221,17 +243,6 @@ def say(message: str) -> None:
     every line would show twice. Writing to the process's real stdout is forwarded once.
     """
     print(message, file=sys.__stdout__, flush=True)
-
-
-def quiet_ray_logs() -> None:
-    """One line per epoch is ours; Ray Train's per-report INFO lines would bury it."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # Train V2 names this logger by its file path
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -322,6 +333,34 @@ def autocast_context(cfg: ExperimentConfig, device: torch.device):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
+class Replay:
+    """A uniform sample of one epoch's training batches (``uint8`` clips, on the CPU), at most
+    ``max_bytes``: every batch of the epoch when they fit (reservoir sampling, seeded).
+
+    What a method may look at between epochs without decoding anything again: the batches
+    ``begin_stage`` passes over (U2S's category similarity matrix from the trained universal
+    network).
+    """
+
+    def __init__(self, max_bytes: int, seed: int) -> None:
+        self.max_bytes, self.seed = max_bytes, seed
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seen = 0
+        self.rng = random.Random(seed)
+
+    def start(self, epoch: int) -> None:
+        self.batches, self.seen, self.rng = [], 0, random.Random(f"{self.seed}/{epoch}")
+
+    def offer(self, clips: torch.Tensor, labels: torch.Tensor) -> None:
+        self.seen += 1
+        size = clips.numel() * clips.element_size()
+        capacity = max(1, self.max_bytes // max(size, 1))
+        if len(self.batches) < capacity:
+            self.batches.append((clips.cpu(), labels.cpu()))
+        elif (k := self.rng.randrange(self.seen)) < capacity:
+            self.batches[k] = (clips.cpu(), labels.cpu())
+
+
 class _Loop:
     """State of one worker's training loop (kept in one place so checkpoints are complete)."""
 
@@ -348,9 +387,18 @@ class _Loop:
         self.total_epochs = sum(self.plan)
         self.run_dir = Path(config["run_dir"])
         self.logger = (
-            tracking.RunLogger(config["tracking_uri"], config["run_id"]) if self.rank == 0 else None
+            tracking.RunLogger(config["tracking_uri"], config["run_id"])
+            if self.rank == 0 and config.get("run_id")
+            else None
         )
         self.autocast, self.scaler = autocast_context(self.cfg, self.device)
+        self.spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
+        self.streams = int(config["streams"])
+        self.bad_log = config["bad_log"]
+        self.val_cache: list | None = None  # this rank's decoded validation batches, if kept
+        self.replay = Replay(self.cfg.data.replay_mb * 2**20, self.cfg.run.seed)
+        self.bad_logged = 0  # bad videos already logged to MLflow
+        self.stream = None  # the training batches of every remaining epoch: made on first use
         self.stage_index = -1
         self.optimizer = self.scheduler = self.ddp = None
         self.start_epoch, self.best_top1, self.global_step = 0, -1.0, 0
@@ -366,7 +414,7 @@ class _Loop:
 
     def enter_stage(self, index: int) -> None:
         stage = self.stages[index]
-        self.model.begin_stage(index, self.train_batches, reduce_mean)
+        self.model.begin_stage(index, self.replayed_batches, reduce_mean)
         params = trainable_parameters(self.model, stage)
         self.optimizer = make_optimizer(self.cfg, params, stage.lr_scale)
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.plan[index])
@@ -377,16 +425,70 @@ class _Loop:
         self.stage_index = index
 
     # --- data ----------------------------------------------------------------------------
-    def batches(self, split: str, batch_size: int):
-        from finegrain.datasets.pipeline import iter_clip_batches
+    def model_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        clips = self.to_model_input(batch["clips"].to(self.device, non_blocking=True))
+        return clips, batch["labels"].to(self.device)
 
-        shard = ray.train.get_dataset_shard(split)
-        for batch in iter_clip_batches(shard, batch_size):
-            clips = self.to_model_input(batch["clips"].to(self.device, non_blocking=True))
-            yield clips, batch["labels"].to(self.device), batch
+    def open_stream(self, epoch: int) -> None:
+        """The run's one data stream, from ``epoch`` to the end."""
+        from finegrain.datasets.pipeline import EpochBatches
 
-    def train_batches(self):
-        return ((c, y) for c, y, _ in self.batches("train", self.cfg.optim.batch_size))
+        ds = self.spec.run_dataset(
+            self.cfg,
+            list(range(epoch, self.total_epochs)),
+            self.rank,
+            self.world,
+            streams=self.streams,
+            bad_log=self.bad_log,
+        )
+        self.stream = EpochBatches(
+            ds,
+            self.cfg.optim.batch_size,
+            streams=self.streams,
+            eval_batch_size=self.cfg.eval.batch_size,
+        )
+        self.keep_val = self.spec.val_fits(self.cfg, self.world)
+        self.val_epoch = epoch  # where the stream plans the validation views when kept
+
+    def epoch_batches(self, epoch: int):
+        """This rank's training batches of ``epoch``, from the run's one data stream."""
+        if self.stream is None:
+            self.open_stream(epoch)
+        return self.stream.epoch(epoch)
+
+    def replayed_batches(self):
+        """The previous epoch's training batches as the replay kept them (model input).
+
+        A run resumed right at a stage boundary has no replay yet: the previous epoch's clips
+        are decoded again, with their own seed-fixed sampling, in a pass of their own (before
+        the run's stream starts).
+        """
+        if not self.replay.batches and self.start_epoch > 0:
+            from finegrain.datasets.pipeline import iter_clip_batches
+
+            previous = self.start_epoch - 1
+            self.replay.start(previous)
+            ds = self.spec.train_stream(
+                self.cfg, [previous], self.rank, self.world, bad_log=self.bad_log
+            )
+            for batch in iter_clip_batches(ds, self.cfg.optim.batch_size):
+                self.replay.offer(batch["clips"], batch["labels"])
+        for clips, labels in self.replay.batches:
+            yield self.to_model_input(clips.to(self.device)), labels.to(self.device)
+
+    def val_batches(self, epoch: int):
+        """This rank's share of every validation view: decoded once and kept, or decoded
+        after each epoch's training clips, in the same stream."""
+        if self.stream is None:
+            self.open_stream(epoch)
+        if self.keep_val:
+            if self.val_cache is None:
+                self.val_cache = list(self.stream.evaluation(self.val_epoch))
+            batches = self.val_cache
+        else:
+            batches = self.stream.evaluation(epoch)
+        for batch in batches:
+            yield (*self.model_input(batch), batch)
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -400,19 +502,41 @@ class _Loop:
             "best_top1": self.best_top1,
             "global_step": self.global_step,
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": self.rng_states(),  # every rank's: a resumed run draws what it would have
         }
 
+    def rng_states(self) -> list:
+        """Every rank's (torch, numpy, python) random state, gathered to all ranks."""
+        mine = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        if self.world == 1:
+            return [mine]
+        states: list = [None] * self.world
+        dist.all_gather_object(states, mine)
+        return states
+
     def restore(self) -> None:
+        """Continue after the latest checkpoint: its weights, optimizer and schedule, and its
+        epoch, from which the data stream is planned (each epoch's clips are fixed by the seed
+        and the epoch, so the resumed epochs see what an uninterrupted run would)."""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=self.device)
+            # this run's own checkpoint (optimizer and random states are not plain tensors)
+            state = torch.load(
+                Path(d) / CHECKPOINT_FILE, map_location=self.device, weights_only=False
+            )
         self.model.load_state_dict(state["model"])
         self.model.load_hook_state_dict(state["hook"])
         self.start_epoch = state["epoch"] + 1
         self.best_top1 = state["best_top1"]
         self.global_step = state["global_step"]
+        rng = state.get("rng")
+        if rng and len(rng) == self.world:
+            torch_state, np_state, py_state = rng[self.rank]
+            torch.set_rng_state(torch_state)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
         if self.start_epoch >= self.total_epochs:
             return
         index, _ = self.stage_at(self.start_epoch)
@@ -426,10 +550,11 @@ class _Loop:
             say(f"[{self.config['run_name']}] resumed at epoch {self.start_epoch + 1}")
 
     def save(self, epoch: int, metrics: dict, is_best: bool) -> None:
+        state = self.state(epoch)  # every rank: it gathers their random states
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:
-                torch.save(self.state(epoch), Path(d) / CHECKPOINT_FILE)
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
                 if is_best:
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copy(Path(d) / CHECKPOINT_FILE, self.run_dir / "best.pt")
@@ -449,26 +574,26 @@ class _Loop:
         marker.touch()
         raise RuntimeError(f"fault injection: rank {self.rank} fails at step {step}")
 
-    def train_epoch(self) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        need = 1 + self.model.extra_batches
-        it = self.batches("train", self.cfg.optim.batch_size)
+        self.replay.start(epoch)
+        batches = self.epoch_batches(epoch)
         losses, clips_seen, extra_stats = [], 0, {}
         start = time.perf_counter()
         while True:
-            group = []
-            for _ in range(need):
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                group.append(nxt)
-            if not all_ranks_have(len(group) == need, self.device):
-                break
+            batch = next(batches, None)
+            extras = [self.stream.extra(epoch, s) for s in range(1, self.streams)]
+            ready = batch is not None and all(e is not None for e in extras)
+            if not all_ranks_have(ready, self.device):
+                break  # ranks take the same number of steps (the rest of the epoch is skipped)
             self.maybe_fail()
-            (clips, labels, _), extras = group[0], [(c, y) for c, y, _ in group[1:]]
+            self.replay.offer(batch["clips"], batch["labels"])
+            clips, labels = self.model_input(batch)
             if extras:
                 with self.autocast:
-                    stats = self.model.meta_step((clips, labels), extras, reduce_mean)
+                    stats = self.model.meta_step(
+                        (clips, labels), [self.model_input(e) for e in extras], reduce_mean
+                    )
                 for k, v in stats.items():
                     extra_stats.setdefault(k, []).append(float(v))
             with self.autocast:
@@ -489,7 +614,7 @@ class _Loop:
             else:
                 self.optimizer.step()
             losses.append(loss.item())
-            clips_seen += sum(len(g[1]) for g in group)
+            clips_seen += len(labels) + sum(len(e["labels"]) for e in extras)
             self.global_step += 1
             if (
                 self.rank == 0
@@ -509,15 +634,15 @@ class _Loop:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict, dict]:
+    def evaluate(self, epoch: int) -> tuple[dict, dict]:
         self.model.eval()
         logits, labels, ids, diagnostics, sample = [], [], [], None, None
-        for clips, y, batch in self.batches("val", self.cfg.eval.batch_size):
+        for clips, y, batch in self.val_batches(epoch):
             with self.autocast:  # U2S's oracle variant selects masks by the true class
                 output = self.model(clips, labels=y) if self.needs_labels else self.model(clips)
             logits.append(output.logits.float().cpu())
             labels.append(y.cpu())
-            ids.extend(str(v) for v in batch["video_id"])
+            ids.extend(batch["video_id"])
             if diagnostics is None:
                 diagnostics = output.diagnostics
                 sample = {
@@ -537,8 +662,7 @@ class _Loop:
         all_logits = torch.cat([p[0] for p in parts])
         all_labels = torch.cat([p[1] for p in parts])
         all_ids = [i for p in parts for i in p[2]]
-        if not all_ids:
-            raise RuntimeError("the validation split produced no clips (see the data report)")
+        self.check_complete(all_ids)
         probs, video_labels, _ = average_views(all_logits, all_labels, all_ids)
         result = classification_metrics(
             probs,
@@ -549,6 +673,25 @@ class _Loop:
         )
         result["videos"] = len(video_labels)
         return result, {"diagnostics": diagnostics, "sample": sample}
+
+    def check_complete(self, ids: list[str]) -> None:
+        """Every validation view of every decodable video, each exactly once across the ranks."""
+        from finegrain.datasets.pipeline import split_rows
+
+        views = self.cfg.eval.clips * self.cfg.eval.crops
+        videos = sum(split_rows(self.spec.shards, self.spec.val_split).values())
+        bad = ray.get(self.bad_log.summary.remote(self.spec.val_split))["count"]
+        expected = (videos - bad) * views
+        seen = {}
+        for i in ids:
+            seen[i] = seen.get(i, 0) + 1
+        if len(ids) != expected or any(n != views for n in seen.values()):
+            raise RuntimeError(
+                f"evaluation saw {len(ids)} validation clips of {len(seen)} videos; expected "
+                f"{expected} = ({videos} videos - {bad} undecodable) x {views} views, each once"
+            )
+        if not ids:
+            raise RuntimeError("the validation split produced no clips (see the data report)")
 
     def rank_drift(self) -> float:
         """Largest difference between ranks of the sum of |parameters| (0 when in sync)."""
@@ -579,18 +722,20 @@ class _Loop:
             index, _ = self.stage_at(epoch)
             if index != self.stage_index:
                 self.enter_stage(index)
-            train = self.train_epoch()
-            val, extra = self.evaluate()
+            train = self.train_epoch(epoch)
+            val, extra = self.evaluate(epoch)
             top1 = val["top1"]
             is_best = top1 > self.best_top1
             self.best_top1 = max(self.best_top1, top1)
-            metrics = {
+            metrics = {  # first the four that Tune's trial table shows
                 "epoch": epoch + 1,
-                "stage": index,
-                **train,
-                **{f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)},
+                "val_top1": top1,
                 "val_best_top1": self.best_top1,
+                **train,
+                "stage": index,
+                **{f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)},
                 "rank_param_drift": self.rank_drift(),
+                "total_epochs": self.total_epochs,  # for Tune's searcher: stopped early or not
             }
             if self.rank == 0:
                 self.log_epoch(epoch, metrics, val, extra, run_start, is_best)
@@ -607,10 +752,20 @@ class _Loop:
             f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
             f"ETA {eta:.0f}s"
         )
-        self.logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        constant = ("epoch", "total_epochs")  # the step, and a tag
+        self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
+        self.log_bad_videos(epoch + 1)
         last = epoch + 1 == self.total_epochs
         if is_best or last:
             self.log_artifacts(val, extra, final=last)
+
+    def log_bad_videos(self, step: int) -> None:
+        """The videos skipped so far, logged as they appear (a run stopped later keeps them)."""
+        bad = ray.get(self.bad_log.summary.remote())
+        if bad["count"] > self.bad_logged:
+            self.logger.metrics({"bad_videos": bad["count"]}, step=step)
+            self.logger.text(bad_video_note(bad) + "\n", "bad_videos.txt")
+            self.bad_logged = bad["count"]
 
     def log_artifacts(self, val, extra, final: bool) -> None:
         from finegrain.platform import figures
@@ -637,6 +792,86 @@ class _Loop:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     _Loop(config).run()
+
+
+def evaluate_loop_per_worker(config: dict[str, Any]) -> None:
+    """Load ``config["checkpoint"]``'s weights and evaluate them as the training loop does."""
+    from finegrain.datasets.pipeline import EVAL, EpochBatches
+
+    loop = _Loop(config)
+    state = torch.load(config["checkpoint"], map_location=loop.device, weights_only=False)
+    loop.model.load_state_dict(state["model"] if "model" in state else state)
+    # evaluation only: this rank's share of the validation views, in one pass
+    ds = loop.spec.val_dataset(loop.cfg, loop.rank, loop.world, loop.bad_log, stream=EVAL)
+    size = loop.cfg.eval.batch_size
+    loop.stream = EpochBatches(ds, size, eval_batch_size=size)
+    loop.keep_val = False
+    val, _ = loop.evaluate(0)
+    metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)}
+    metrics["epoch"] = int(state.get("epoch", -1)) + 1
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None  # Train V2 keeps a run's final metrics only with a checkpoint
+        if loop.rank == 0:
+            (Path(d) / "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def evaluate_checkpoint(
+    cfg: ExperimentConfig,
+    checkpoint: str | Path,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+) -> dict[str, float]:
+    """``checkpoint``'s weights (a training checkpoint or a weights file) evaluated on every
+    validation view by the training loop's own evaluation, on ``workers`` Ray Train workers
+    (default ``cfg.scaling.workers``). Returns ``{"val_top1": ..., "epoch": ...}``."""
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+
+    from finegrain.datasets.pipeline import new_bad_video_log
+
+    cfg = cfg.model_copy(deep=True)
+    if workers is not None:
+        cfg.scaling.workers = workers
+    data = prepare_data(cfg, quiet=True)
+    cluster.connect(address)
+    bad_log = new_bad_video_log()
+    use_gpu = cfg.scaling.gpus_per_worker > 0
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "run_name": f"evaluate-{Path(checkpoint).stem}",
+        "run_dir": str(tracking.run_root(cfg.run.dir) / "evaluations"),
+        "tracking_uri": None,
+        "run_id": None,
+        "shards": str(data.shards),
+        "classes": data.classes,
+        "class_groups": data.class_groups,
+        "streams": 1,
+        "bad_log": bad_log,
+        "checkpoint": str(checkpoint),
+    }
+    cluster.watch_preemptions()
+    with tempfile.TemporaryDirectory() as storage:
+        trainer = TorchTrainer(
+            evaluate_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=config["run_name"],
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            return json.loads((Path(d) / "metrics.json").read_text())
 
 
 def summary_json(result: RunResult) -> str:

@@ -3,31 +3,51 @@
 Each trial is a function trainable that runs a ``TorchTrainer`` (the Ray 2.60 pattern: Train V2
 trainers cannot be handed to ``Tuner`` directly) and reports every epoch to Tune through
 ``ray.tune.integration.ray_train.TuneReportCallback``; ASHA stops weak trials early on val top-1.
+At most as many trials run at once as the cluster holds (``cluster.plan_concurrency``).
+
+Optuna sees the truth: the space is define-by-run (a parameter with ``when`` is sampled only
+when its condition holds: ``model.udl_inner_lr`` only with ``model.udl: true``), every epoch's
+val top-1 is reported to the trial as an intermediate value, and a trial that ASHA (or the time
+budget) stopped before its last epoch is told to Optuna as PRUNED, not as COMPLETE with an
+early score: TPE ranks pruned trials by how far they got. The study lives in
+``<run dir>/tune/NAME/optuna.db`` (Optuna's RDB storage), so ``--resume`` continues the same
+study and the parent run's pictures are drawn from it.
 
 MLflow: one parent run per sweep (search space, best config, results table, parallel-coordinates
-and importance pictures) with one child run per trial. With the embedded SQLite store the sweep
-starts a local ``mlflow server`` (one worker) and every trial logs over HTTP: one process owns
-the SQLite file, so concurrent trials never hit "database is locked". Child runs are keyed by
-trial name, so ``--resume`` (``Tuner.restore``) neither reruns finished trials nor duplicates
-their runs; trials that ASHA stopped end as KILLED, never RUNNING.
+and importance pictures) with one child run per trial, closed the moment its trial ends
+(:class:`finegrain.platform.sweeps.TrialRuns`). Child runs are keyed by trial id, so
+``--resume`` (``Tuner.restore``) neither reruns finished trials nor duplicates their runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
-import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finegrain.platform import tracking
-from finegrain.platform.config import ConfigError, ExperimentConfig, validate
+from finegrain.platform import cluster, tracking
+from finegrain.platform.config import ConfigError, ExperimentConfig, apply_params, plain, validate
+from finegrain.platform.sweeps import (
+    SweepInterrupted,
+    TrialRuns,
+    close_stopped_children,
+    graceful_interrupt,
+    tracking_server,
+)
+
+__all__ = [
+    "DEFAULT_SPACES",
+    "SweepInterrupted",
+    "apply_params",
+    "check_space",
+    "load_space",
+    "run_sweep",
+]
 
 # The shared learning-rate and weight-decay ranges, per optimizer: SGD with momentum wants rates
 # some 20x larger than AdamW, and AdamW's decoupled decay is used 10-100x stronger.
@@ -47,7 +67,12 @@ DEFAULT_SPACES: dict[str, dict[str, dict]] = {
         "model.impulse": {"type": "choice", "values": ["sum", "mean"]},
         "model.tau": {"type": "loguniform", "low": 0.25, "high": 4.0},
         "model.udl": {"type": "choice", "values": [True, False]},
-        "model.udl_inner_lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
+        "model.udl_inner_lr": {
+            "type": "loguniform",
+            "low": 1e-3,
+            "high": 0.1,
+            "when": {"model.udl": True},
+        },
         **LR_WD,
     },
     "onepass": {"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.7}, **LR_WD},
@@ -68,32 +93,72 @@ DEFAULT_SPACES: dict[str, dict[str, dict]] = {
         **LR_WD,
     },
 }
+TYPES = ("int", "uniform", "loguniform", "choice")
 
 
-def to_tune_space(space: dict[str, dict]) -> dict[str, Any]:
-    """``{"model.neurons": {"type": "int", "low": 2, "high": 16}}`` → Ray Tune domains."""
-    from ray import tune
+def check_space(space: dict[str, dict]) -> dict[str, dict]:
+    """Validate a search space; a problem raises :class:`ConfigError` naming the key.
 
-    out = {}
+    Each entry: ``{type: int|uniform|loguniform, low, high}`` or ``{type: choice, values}``,
+    optionally ``when: {earlier key: value, ...}`` (sampled only when every condition holds).
+    """
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("search space: expected a mapping {section.field: {type: ...}}")
+    seen: dict[str, dict] = {}
     for key, spec in space.items():
+        if key.split(".")[0] not in ExperimentConfig.model_fields:
+            raise ConfigError(f"search space {key!r}: not a config field (section.field)")
         kind = spec.get("type") if isinstance(spec, dict) else None
-        try:
-            if kind == "int":
-                out[key] = tune.randint(int(spec["low"]), int(spec["high"]) + 1)  # inclusive
-            elif kind == "uniform":
-                out[key] = tune.uniform(float(spec["low"]), float(spec["high"]))
-            elif kind == "loguniform":
-                out[key] = tune.loguniform(float(spec["low"]), float(spec["high"]))
-            elif kind == "choice":
-                out[key] = tune.choice(list(spec["values"]))
-            else:
+        if kind not in TYPES:
+            raise ConfigError(
+                f"search space {key!r}: type must be int, uniform, loguniform or choice; "
+                f"got {spec!r}"
+            )
+        needs = ("values",) if kind == "choice" else ("low", "high")
+        for field in needs:
+            if field not in spec:
+                raise ConfigError(f"search space {key!r}: missing {field!r} in {spec!r}")
+        if kind != "choice" and not float(spec["low"]) <= float(spec["high"]):
+            raise ConfigError(f"search space {key!r}: low must be <= high in {spec!r}")
+        if kind == "choice" and not list(spec["values"]):
+            raise ConfigError(f"search space {key!r}: 'values' is empty")
+        for other, value in (spec.get("when") or {}).items():
+            if other not in seen:
                 raise ConfigError(
-                    f"search space {key!r}: type must be int, uniform, loguniform or choice; "
-                    f"got {spec!r}"
+                    f"search space {key!r}: its condition names {other!r}, which must be an "
+                    "earlier key of the space"
                 )
-        except KeyError as e:
-            raise ConfigError(f"search space {key!r}: missing {e.args[0]!r} in {spec!r}") from None
-    return out
+            if seen[other]["type"] == "choice" and value not in seen[other]["values"]:
+                raise ConfigError(
+                    f"search space {key!r}: condition {other}={value!r} is not one of "
+                    f"{seen[other]['values']}"
+                )
+        seen[key] = spec
+    return space
+
+
+class DefineByRun:
+    """The Optuna define-by-run function of a space (conditional keys sampled only when their
+    conditions hold); a class, so Tune can pickle the searcher with it."""
+
+    def __init__(self, space: dict[str, dict]) -> None:
+        self.space = space
+
+    def __call__(self, trial) -> None:
+        values: dict[str, Any] = {}
+        for key, spec in self.space.items():
+            when = spec.get("when") or {}
+            if any(k not in values or values[k] != v for k, v in when.items()):
+                continue
+            kind = spec["type"]
+            if kind == "int":
+                values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]))
+            elif kind == "choice":
+                values[key] = trial.suggest_categorical(key, list(spec["values"]))
+            else:
+                values[key] = trial.suggest_float(
+                    key, float(spec["low"]), float(spec["high"]), log=kind == "loguniform"
+                )
 
 
 def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[str, dict]:
@@ -108,32 +173,6 @@ def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[st
     return space
 
 
-def apply_params(base: dict, params: dict[str, Any]) -> ExperimentConfig:
-    """Set dotted keys (``model.neurons``; ``model.gamma.0`` builds a list) on a config dict."""
-    raw = json.loads(json.dumps(base))
-    lists: dict[tuple[str, ...], dict[int, Any]] = {}
-    for key, value in params.items():
-        parts = key.split(".")
-        if parts[-1].isdigit():
-            lists.setdefault(tuple(parts[:-1]), {})[int(parts[-1])] = value
-            continue
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _plain(value)
-    for parts, items in lists.items():
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = [_plain(items[i]) for i in sorted(items)]
-    return validate(raw)
-
-
-def _plain(value):
-    """numpy scalars (from the searchers) → Python values, so the config validates."""
-    return value.item() if hasattr(value, "item") else value
-
-
 @dataclass
 class SweepResult:
     name: str
@@ -145,19 +184,63 @@ class SweepResult:
     table: Any  # pandas.DataFrame
 
 
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-{trial_id}"
+
+
 def trial_function(params: dict, *, base: dict, sweep: str, parent: str, uri: str) -> None:
     """One trial: the sampled params on the base config → ``run_experiment`` in this actor."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from finegrain.platform.logs import quiet_ray_logs
     from finegrain.platform.train import run_experiment
 
+    quiet_ray_logs()
     cfg = apply_params(base, params)
-    trial = tune.get_context().get_trial_name()
-    cfg.run.name = f"{sweep}-{trial}"
+    cfg.run.name = trial_run_name(sweep, tune.get_context().get_trial_id())
     cfg.tracking.mlflow_uri = uri
     cfg.tracking.parent_run_id = parent
-    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True)
+    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True, in_trial=True)
+
+
+def _optuna_search_class():
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class TruthfulOptunaSearch(OptunaSearch):
+        """``OptunaSearch`` that tells Optuna a trial stopped before its last epoch (by ASHA or
+        the time budget) is PRUNED; its per-epoch val top-1 are its intermediate values."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            stopped = (
+                result is not None
+                and not error
+                and trial_id not in self._completed_trials
+                and result.get("epoch", 0) < result.get("total_epochs", 0)
+            )
+            if not stopped:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+
+    return TruthfulOptunaSearch
+
+
+def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed: int):
+    """Ray Tune's ``OptunaSearch`` on the define-by-run ``space``, TPE seeded, its study stored
+    in SQLite at ``storage_path``, early-stopped trials told to Optuna as PRUNED."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return _optuna_search_class()(
+        space=DefineByRun(space),
+        metric="val_top1",
+        mode="max",
+        study_name=name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{storage_path}"),
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
 
 
 def run_sweep(
@@ -171,15 +254,14 @@ def run_sweep(
     name: str | None = None,
     baseline: bool = True,
     seed: int = 0,
+    address: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep of ``base.model.method`` over ``space``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    from finegrain.platform.data import bad_video_note, own_bad_video_log, prepare_data
-    from finegrain.platform.train import check_model, ensure_ray
+    from finegrain.platform.data import prepare_data
+    from finegrain.platform.train import check_model
 
     method = base.model.method
     root = tracking.run_root(base.run.dir)
@@ -188,34 +270,38 @@ def run_sweep(
         name = _resolve_resume(sweeps, resume)
     name = name or f"tune-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = sweeps / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweeps / "LATEST").write_text(name)
-    tune_space = to_tune_space(space)
-    # every sampled value must validate before any trial starts
-    for key in space:
-        if key.split(".")[0] not in ExperimentConfig.model_fields:
-            raise ConfigError(f"search space {key!r}: not a config field (section.field)")
+    check_space(space)
+    # every sampled value must validate before any trial starts: both ends of every range
+    for end in (0, -1):
+        apply_params(base.model_dump(mode="json"), _corner(space, end))
     check_model(base)
     prepare_data(base)  # once, in the driver: the trials find the shards cached
-    ensure_ray(base, concurrent_runs=max_concurrent)
-    own_bad_video_log()
+    cluster.connect(address)
+    need = cluster.run_resources(base, in_trial=True)
+    concurrent = cluster.plan_concurrency(need, max_concurrent, what="trial")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweeps / "LATEST").write_text(name)
 
     with tracking_server(base) as uri:
         parent = _parent_run(uri, base, name, space, num_samples)
         print(f"sweep {name}: MLflow parent run {parent} in {uri}", flush=True)
         trainable = tune.with_parameters(
-            trial_function, base=base.model_dump(mode="json"), sweep=name, parent=parent, uri=uri
+            trial_function,
+            base=base.model_dump(mode="json"),
+            sweep=name,
+            parent=parent,
+            uri=uri,
         )
-        # the trial itself only waits for its TorchTrainer: a token CPU share
-        trainable = tune.with_resources(trainable, {"CPU": 0.25})
-        storage = str(sweeps)
+        trainable = tune.with_resources(trainable, {"CPU": cluster.TRIAL_CPUS})
+        closer = TrialRuns(
+            uri, base.tracking.experiment, lambda trial: trial_run_name(name, trial.trial_id)
+        )
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
+            close_stopped_children(uri, parent)  # trials that ended while no driver watched
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
             print(f"resuming sweep {name} from {sweep_dir}", flush=True)
         else:
-            searcher = ConcurrencyLimiter(
-                OptunaSearch(metric="val_top1", mode="max", seed=seed), max_concurrent
-            )
+            searcher = optuna_searcher(space, name, sweep_dir / "optuna.db", seed)
             scheduler = ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=base.optim.epochs,
@@ -224,7 +310,6 @@ def run_sweep(
             )
             tuner = tune.Tuner(
                 trainable,
-                param_space=tune_space,
                 tune_config=tune.TuneConfig(
                     metric="val_top1",
                     mode="max",
@@ -232,8 +317,11 @@ def run_sweep(
                     scheduler=scheduler,
                     num_samples=num_samples,
                     time_budget_s=time_budget,
+                    max_concurrent_trials=concurrent,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(sweeps), verbose=1, callbacks=[closer]
+                ),
             )
         try:
             with graceful_interrupt() as interrupted:
@@ -243,9 +331,11 @@ def run_sweep(
         except BaseException as e:
             close_stopped_children(uri, parent)
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            tracking.close_run(uri, parent, status)
+            tracking.close_run(uri, parent, status, error=None if status == "KILLED" else e)
+            cluster.wait_released()  # let the stopped trials wind down before Ray does
             raise
         close_stopped_children(uri, parent)
+        cluster.wait_released()
         table = _results_table(results)
         if table["val_best_top1"].isna().all():
             raise RuntimeError(
@@ -253,81 +343,26 @@ def run_sweep(
                 f"(the sweep is in {sweep_dir}; --resume {name} continues it)"
             )
         best = results.get_best_result(metric="val_best_top1", mode="max")
-        best_params = {k: _plain(v) for k, v in best.config.items()}
+        best_params = {k: plain(v) for k, v in best.config.items()}
         best_top1 = float(best.metrics.get("val_best_top1", float("nan")))
         baseline_top1 = _baseline(base, uri, parent, name) if baseline else None
-        _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1)
+        _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir)
         tracking.close_run(uri, parent, "FINISHED")
-    count, note = bad_video_note()
-    if count:
-        print(f"note: {note}", flush=True)
     return SweepResult(
         name, parent, best_params, best_top1, baseline_top1, _display_uri(base), table
     )
 
 
-class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl+C during a sweep: Tune saved its state; ``--resume NAME`` continues it."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"sweep {name} interrupted; --resume {name} continues it")
-        self.name = name
-
-
-@contextlib.contextmanager
-def graceful_interrupt():
-    """Ctrl+C → Tune's graceful stop (SIGUSR1), and an event saying that it happened.
-
-    On SIGINT ``Tuner.fit`` stops the trials, saves the experiment state and *returns*, like a
-    finished sweep; the sweep must then end as KILLED, not pick a "best" trial and log it. Tune's
-    own SIGINT handler is turned off and ours forwards to its SIGUSR1 handler, noting the
-    interrupt. A second Ctrl+C falls to the previous handler (KeyboardInterrupt).
-    """
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted  # signals only reach the main thread; nothing to catch
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_sigint(sig, frame):
-        interrupted.set()
-        signal.signal(signal.SIGINT, previous)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if saved is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+def _corner(space: dict[str, dict], end: int) -> dict[str, Any]:
+    """One end of every range of ``space`` (conditions ignored: every key set)."""
+    return {
+        k: s["values"][end] if s["type"] == "choice" else s["high" if end else "low"]
+        for k, s in space.items()
+    }
 
 
 def _display_uri(base: ExperimentConfig) -> str:
     return tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
-
-
-@contextlib.contextmanager
-def tracking_server(base: ExperimentConfig):
-    """The HTTP URI trials log to: the configured server, or a local one over the SQLite store.
-
-    Ray must be up: a server on this machine's loopback gets its relay (``tracking.start_relay``)
-    so that trials and rank-0 workers on other nodes reach it.
-    """
-    uri = _display_uri(base)
-    if not uri.startswith("sqlite:"):
-        tracking.start_relay(uri)  # a server on this machine's loopback: other nodes need it
-        yield uri
-        return
-    root = tracking.run_root(base.run.dir)
-    server = tracking.LocalServer(uri, tracking.artifact_root(base.run.dir), root / "mlflow.log")
-    with server as http_uri:
-        tracking.start_relay(http_uri)
-        yield http_uri
 
 
 def _resolve_resume(sweeps: Path, resume: str) -> str:
@@ -357,39 +392,19 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
     return run_id
 
 
-def close_stopped_children(uri: str, parent: str) -> None:
-    """End the child runs that Tune's stopped trials left RUNNING.
-
-    A stopped trial dies with its actor, before its ``run_experiment`` closes the run. A trial
-    that reported its last epoch (ASHA says STOP at ``max_t`` = the last epoch, too) is complete:
-    FINISHED. One stopped earlier — by ASHA, the time budget or Ctrl+C — is KILLED and tagged
-    ``early_stopped``. The loop tags each run with its ``total_epochs``.
-    """
-    client = tracking.tracking_client(uri)
-    parent_run = client.get_run(parent)
-    children = client.search_runs(
-        [parent_run.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
-    )
-    for run in children:
-        run_id, total = run.info.run_id, run.data.tags.get("total_epochs")
-        done = max((m.step for m in client.get_metric_history(run_id, "val_top1")), default=0)
-        if total is not None and done >= int(total):
-            client.set_terminated(run_id, status="FINISHED")
-            continue
-        client.set_tag(run_id, "early_stopped", "true")
-        client.set_terminated(run_id, status="KILLED")
-
-
 def _results_table(results):
     import pandas as pd
 
-    df = results.get_dataframe(filter_metric="val_best_top1", filter_mode="max")
+    df = results.get_dataframe()  # each trial's last report: its best so far, epochs done
     if "val_best_top1" not in df.columns:  # no trial finished an epoch (time budget too small)
         df["val_best_top1"] = pd.NA
     keep = [c for c in df.columns if c.startswith("config/")]
     keep += [c for c in ("val_best_top1", "val_top1", "epoch", "trial_id") if c in df.columns]
-    df = df[keep].rename(columns=lambda c: c.removeprefix("config/"))
+    df = (
+        df[keep]
+        .rename(columns=lambda c: c.removeprefix("config/"))
+        .rename(columns={"val_top1": "val_top1_last", "epoch": "epochs"})
+    )
     return df.sort_values("val_best_top1", ascending=False).reset_index(drop=True)
 
 
@@ -398,7 +413,11 @@ def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float
     from finegrain.platform.train import run_experiment
 
     raw = base.model_dump(mode="json")
-    raw["model"] = {"method": "onepass", "backbone": base.model.backbone}
+    raw["model"] = {
+        k: raw["model"][k]
+        for k in ("backbone", "weights", "keep_time", "width")
+        if k in raw["model"]
+    } | {"method": "onepass"}
     cfg = validate(raw)
     cfg.run.name = f"{name}-baseline-onepass"
     cfg.tracking.mlflow_uri = uri
@@ -408,7 +427,7 @@ def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float
     return float(result.metrics.get("val_best_top1", float("nan")))
 
 
-def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1) -> None:
+def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir) -> None:
     logger = tracking.RunLogger(uri, parent)
     logger.text(yaml.safe_dump(best_params, sort_keys=False), "best_config.yaml")
     logger.text(table.to_csv(index=False), "results.csv")
@@ -417,54 +436,36 @@ def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1)
     if baseline_top1 is not None:
         metrics["baseline_val_top1"] = baseline_top1
     logger.metrics(metrics, step=0)
-    for fig_name, fig in sweep_figures(table, space).items():
+    for fig_name, fig in sweep_figures(sweep_dir / "optuna.db", sweep_dir.name).items():
         logger.figure(fig, f"{fig_name}.png")
     import matplotlib.pyplot as plt
 
     plt.close("all")
 
 
-def sweep_figures(table, space: dict[str, dict]) -> dict:
-    """Optuna's parallel-coordinates and hyperparameter-importance plots of the finished trials.
-
-    The results are replayed into an in-memory Optuna study so Optuna's own plotting and
-    importance code (fANOVA) can be used as is.
-    """
+def sweep_figures(storage_path: Path, study_name: str) -> dict:
+    """Optuna's parallel-coordinates and hyperparameter-importance plots, drawn from the
+    sweep's own study (its completed trials)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import optuna
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
-    dists = {}
-    for key, spec in space.items():
-        if key not in table.columns:
-            continue
-        if spec["type"] == "int":
-            dists[key] = IntDistribution(int(spec["low"]), int(spec["high"]))
-        elif spec["type"] == "choice":
-            dists[key] = CategoricalDistribution(list(spec["values"]))
-        else:
-            log = spec["type"] == "loguniform"
-            dists[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=log)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for _, row in table.dropna(subset=["val_best_top1"]).iterrows():
-        params = {k: _plain(row[k]) for k in dists}
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params, distributions=dists, value=float(row["val_best_top1"])
-            )
-        )
+    if not storage_path.is_file():
+        return {}
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage_path}")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     out = {}
-    if len(study.trials) >= 2 and dists:
-        with contextlib.suppress(Exception):  # a picture never fails a sweep
-            out["parallel_coordinates"] = ovm.plot_parallel_coordinate(study).figure
-        with contextlib.suppress(Exception):
-            out["param_importances"] = ovm.plot_param_importances(study).figure
+    if len(complete) >= 2:
+        with warnings.catch_warnings():
+            # Optuna marks its matplotlib plots experimental, and matplotlib warns when every
+            # completed trial has the same value of a parameter (a flat axis): notices, no fault
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(Exception):  # a picture never fails a sweep
+                out["parallel_coordinates"] = ovm.plot_parallel_coordinate(study).figure
+            with contextlib.suppress(Exception):
+                out["param_importances"] = ovm.plot_param_importances(study).figure
     return out

@@ -1,0 +1,190 @@
+"""What a sweep (``tune.py``) and a suite (``ablate.py``) share: many runs as Tune trials.
+
+- :func:`tracking_server`: the MLflow store every trial logs to (the configured server, or a
+  local ``mlflow server`` that owns the embedded SQLite file, so concurrent trials never hit
+  "database is locked"), with its relay for processes on other nodes.
+- :class:`TrialRuns`: a Tune callback that closes a trial's MLflow run the moment Tune ends the
+  trial — FINISHED when it reached its last epoch, KILLED and tagged ``early_stopped`` when ASHA
+  or the time budget stopped it earlier, FAILED with its error when it errored — so a killed
+  driver leaves no finished trial RUNNING. :func:`close_stopped_children` does the same for any
+  child run still RUNNING (a trial whose driver died before the callback ran).
+- :func:`graceful_interrupt`: Ctrl+C → Tune's graceful stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ray.tune import Callback
+
+from finegrain.platform import tracking
+from finegrain.platform.config import ExperimentConfig
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl+C during a sweep: Tune saved its state; ``--resume NAME`` continues it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"sweep {name} interrupted; --resume {name} continues it")
+        self.name = name
+
+
+@contextlib.contextmanager
+def graceful_interrupt():
+    """Ctrl+C → Tune's graceful stop (SIGUSR1), and an event saying that it happened.
+
+    On SIGINT ``Tuner.fit`` stops the trials, saves the experiment state and *returns*, like a
+    finished sweep; the sweep must then end as KILLED, not pick a "best" trial and log it. Tune's
+    own SIGINT handler is turned off and ours forwards to its SIGUSR1 handler, noting the
+    interrupt. A second Ctrl+C falls to the previous handler (KeyboardInterrupt).
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signals only reach the main thread; nothing to catch
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(sig, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+
+
+# The store this process's sweep logs to now. A resumed sweep runs its own new local server on
+# another port, while Tune restores the trial callback it saved with the old one's address:
+# the callback reads the address here when it runs.
+_ACTIVE_URI: list[str] = []
+
+
+@contextlib.contextmanager
+def tracking_server(base: ExperimentConfig):
+    """The URI trials log to: the configured server, or a local one over the SQLite store.
+
+    Ray must be up: a server on this machine's loopback gets its relay (``tracking.start_relay``)
+    so that trials and rank-0 workers on other nodes reach it.
+    """
+    uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
+    if not uri.startswith("sqlite:"):
+        tracking.start_relay(uri)  # a server on this machine's loopback: other nodes need it
+        with _active(uri):
+            yield uri
+        return
+    root = tracking.run_root(base.run.dir)
+    server = tracking.LocalServer(uri, tracking.artifact_root(base.run.dir), root / "mlflow.log")
+    with server as http_uri, _active(http_uri):
+        tracking.start_relay(http_uri)
+        yield http_uri
+
+
+@contextlib.contextmanager
+def _active(uri: str):
+    _ACTIVE_URI.append(uri)
+    try:
+        yield uri
+    finally:
+        _ACTIVE_URI.pop()
+
+
+def find_run(uri: str, experiment: str, run_name: str):
+    """The MLflow run named ``run_name`` in ``experiment`` (None if there is none)."""
+    client = tracking.tracking_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'",
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def close_ended_run(uri: str, run, error: Any = None) -> str | None:
+    """Close ``run`` (an MLflow run still RUNNING whose trial ended): FAILED with ``error``;
+    else FINISHED if it logged its last epoch, KILLED and tagged ``early_stopped`` if not."""
+    if run is None or run.info.status != "RUNNING":
+        return None
+    client = tracking.tracking_client(uri)
+    run_id = run.info.run_id
+    if error is not None:
+        tracking.close_run(uri, run_id, "FAILED", error=error)
+        return "FAILED"
+    total = run.data.tags.get("total_epochs")
+    done = max((m.step for m in client.get_metric_history(run_id, "val_top1")), default=0)
+    if total is not None and done >= int(total):
+        tracking.close_run(uri, run_id, "FINISHED")
+        return "FINISHED"
+    client.set_tag(run_id, "early_stopped", "true")
+    tracking.close_run(uri, run_id, "KILLED")
+    return "KILLED"
+
+
+def trial_error(trial) -> Any:
+    """The error a Tune trial ended with (its exception, or the text Tune kept), if any."""
+    for get in (trial.get_pickled_error, trial.get_error):
+        try:
+            error = get()
+        except Exception:  # storage unreadable: fall through to the next source
+            error = None
+        if error is not None:
+            return error
+    return None
+
+
+class TrialRuns(Callback):
+    """Closes each trial's MLflow run as soon as Tune ends the trial (see the module).
+
+    Defined at module level, so that Tune's saved experiment state refers to it by name (a
+    class pickled by value would take a frozen copy of this module's globals with it).
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: Callable[[Any], str]) -> None:
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.closed: dict[str, str] = {}  # trial id → how this callback closed its run
+
+    def _close(self, trial, error=None) -> None:
+        uri = _ACTIVE_URI[-1] if _ACTIVE_URI else self.uri
+        try:
+            run = find_run(uri, self.experiment, self.run_name(trial))
+            status = close_ended_run(uri, run, error)
+        except Exception as e:  # bookkeeping never stops a sweep; the end reconciles
+            print(f"warning: could not close the run of trial {trial}: {e}", flush=True)
+            return
+        if status:
+            self.closed[trial.trial_id] = status
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, trial_error(trial) or "the trial failed (no error recorded)")
+
+
+def close_stopped_children(uri: str, parent: str) -> None:
+    """End the child runs of ``parent`` still RUNNING (see :func:`close_ended_run`): their
+    trials ended while nobody could close them (a driver killed mid-sweep)."""
+    client = tracking.tracking_client(uri)
+    parent_run = client.get_run(parent)
+    children = client.search_runs(
+        [parent_run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+    )
+    for run in children:
+        close_ended_run(uri, run)
