@@ -578,22 +578,22 @@ def build_run_dataset(
     bad_log: Any = None,
 ) -> ray.data.Dataset:
     """Everything one rank of a training run reads, as one dataset (one execution, one actor
-    pool): for each of ``epochs`` its training clips (``streams`` samplers), and its exact share
-    of the ``eval_split`` views (stream :data:`EVAL`) — ``"once"``, ahead of everything (the run
-    keeps them decoded), or after each epoch's training clips (``"every_epoch"``)."""
+    pool): for each of ``epochs`` its training clips (``streams`` samplers), then its exact
+    share of the ``eval_split`` views (stream :data:`EVAL`) — after the first epoch only
+    (``"once"``: the run keeps them decoded) or after every epoch (``"every_epoch"``). Placed
+    after an epoch's training clips, they are decoded while that epoch trains."""
     train_rows, eval_rows = split_rows(shard_dir, "train"), split_rows(shard_dir, eval_split)
 
     def evaluation(epoch: int) -> list[dict[str, Any]]:
         items = plan_reads(eval_rows, [epoch], seed=None, rank=rank, world=world, pad=False)
         return [{**item, "stream": EVAL} for item in items]
 
-    epochs = list(epochs)
-    items = evaluation(epochs[0]) if evaluate == "once" and epochs else []
-    for epoch in epochs:
+    items = []
+    for k, epoch in enumerate(epochs):
         items += plan_reads(
             train_rows, [epoch], seed=seed, rank=rank, world=world, pad=True, streams=streams
         )
-        if evaluate == "every_epoch":
+        if evaluate == "every_epoch" or k == 0:
             items += evaluation(epoch)
     decoder = {
         "config": train_config,
