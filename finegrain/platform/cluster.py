@@ -250,13 +250,32 @@ def live_actors() -> list[str]:
         )
     except Exception:  # no dashboard (State API): nothing to wait for
         return []
-    return [
-        f"{a.class_name} ({a.state})"
-        for a in actors
-        if a.state != "DEAD"
-        and not (a.name or "").startswith("finegrain-mlflow-")
-        and a.class_name not in _JOB_LONG_ACTORS
-    ]
+    here = ray.get_runtime_context().get_node_id()
+    left = []
+    for a in actors:
+        if (a.name or "").startswith("finegrain-mlflow-") or a.class_name in _JOB_LONG_ACTORS:
+            continue
+        if a.state != "DEAD":
+            left.append(f"{a.class_name} ({a.state})")
+        elif a.node_id == here and _running(a.pid):
+            # An actor killed while its constructor ran (a trial stopped as its workers and
+            # decode actors start) is DEAD for the GCS before its process has exited; if the
+            # local Ray is shut down then, that process finishes the constructor, cannot report
+            # it to the gone raylet and logs a fatal "Raylet has most likely crashed"
+            # (core_worker.cc) to the console. Wait for the process itself.
+            left.append(f"{a.class_name} (DEAD, process {a.pid} still exiting)")
+    return left
+
+
+def _running(pid: int | None) -> bool:
+    """Whether process ``pid`` on this machine exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def wait_released(timeout: float = 30.0) -> bool:
