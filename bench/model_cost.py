@@ -10,14 +10,16 @@ method-specific variants for DSTS (N = 1 and N = 10 without UDL, N = 10 with UDL
 
 Columns: ``params`` (millions); ``fwd GF train`` / ``fwd GF eval``: forward GFLOPs counted by
 ``torch.utils.flop_counter.FlopCounterMode`` in train and eval mode; ``step GF``: the whole train
-step (meta step, forward, backward) counted the same way; ``step ms``: CPU wall time of one train
-step (meta step when the method has one, forward, loss, backward, SGD step; the fastest of
-``reps``, after the FLOP-counted step as warm-up), on ``--threads`` threads (default 1: on a shared
-machine, spinning OpenMP threads make multi-threaded timings swing by several x); ``meta ms``:
-the meta step's share of it.
+step (forward with the meta step when the method has one, backward) counted the same way;
+``step ms``: CPU wall time of one train step (the forward — which runs DSTS's UDL steps 1–2 on its
+own backbone features and one no-grad backbone pass over D_val — loss, backward, SGD step; the
+fastest of ``reps``, after the FLOP-counted step as warm-up), on ``--threads`` threads (default 1:
+on a shared machine, spinning OpenMP threads make multi-threaded timings swing by several x);
+``meta ms``: the meta step's share of it.
 
-Goals (issue 3): DSTS eval FLOPs at N=10 <= 1.1x those at N=1; a UDL train step <= 1.3x a plain
-DSTS step on r2plus1d_18.
+Goals: DSTS eval FLOPs at N=10 <= 1.1x those at N=1 (issue 3); a UDL train step <= 1.5x a plain
+DSTS step on r2plus1d_18 (issue 11, METHODS.md revised: the D_val batch's no-grad backbone pass
+alone is about a third of a step).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from finegrain.models import METHODS, build_model
-from finegrain.models.base import FineGrainModel, trainable_parameters
+from finegrain.models.base import FineGrainModel, MetaContext, trainable_parameters
 
 BACKBONE_OPTIONS = {"tiny": {}, "r2plus1d_18": {"keep_time": True}}
 VARIANTS: dict[str, list[tuple[str, dict]]] = {
@@ -59,15 +61,25 @@ def measure(model: FineGrainModel, batch, extras, reps: int) -> dict[str, float]
     stage = model.training_stages()[0]
     model.begin_stage(0, lambda: iter([batch]), _noop_reduce)
     optimizer = torch.optim.SGD(trainable_parameters(model, stage), lr=1e-3, momentum=0.9)
+    hook = model.hook_parameters()
+    hook_optimizer = torch.optim.SGD(hook, lr=1e-3, momentum=0.9) if hook else None
     meta_s: list[float] = []
+    udl_step = getattr(model, "udl_step", None)
+    if udl_step is not None:  # time the meta step inside the forward
+
+        def timed(x, meta):
+            start = time.perf_counter()
+            udl_step(x, meta)
+            meta_s.append(time.perf_counter() - start)
+
+        model.udl_step = timed
 
     def train_step() -> None:
         model.train()
+        meta = None
         if model.extra_batches:
-            start = time.perf_counter()
-            model.meta_step(batch, extras, _noop_reduce)
-            meta_s.append(time.perf_counter() - start)
-        loss = model.loss(model(clips), labels)
+            meta = MetaContext(labels, extras, _noop_reduce, lr=1e-3, optimizer=hook_optimizer)
+        loss = model.loss(model(clips, meta=meta) if meta else model(clips), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,10 +164,10 @@ def _goals(backbone: str, results: dict[str, dict[str, float]]) -> None:
         print(f"\nDSTS eval FLOPs N=10 / N=1 = {r:.3f} (goal <= 1.1: {goal})")
     if ten and udl:
         r_ms, r_gf = udl["step ms"] / ten["step ms"], udl["step GF"] / ten["step GF"]
-        goal = "met" if r_ms <= 1.3 else "MISSED"
+        goal = "met" if r_ms <= 1.5 else "MISSED"
         print(
             f"DSTS UDL step / plain step = {r_ms:.2f}x time, {r_gf:.2f}x FLOPs "
-            f"(goal <= 1.3 on r2plus1d_18: {goal if backbone == 'r2plus1d_18' else 'n/a'})"
+            f"(goal <= 1.5 on r2plus1d_18: {goal if backbone == 'r2plus1d_18' else 'n/a'})"
         )
 
 

@@ -25,9 +25,10 @@ def test_shapes_and_diagnostics_tiny():
     net = model()
     out = net(clips())
     assert out.logits.shape == (2, K)
-    assert net.block_stages == (0, 1, 2, 3)
-    assert out.diagnostics["chosen_class"].shape == (2, 4)
-    for s in range(4):
+    assert net.block_stages == (1, 2, 3)  # the 16-channel first stage is skipped (< 32)
+    assert [b.gamma for b in net.blocks] == [0.2, 0.3, 0.4]
+    assert out.diagnostics["chosen_class"].shape == (2, 3)
+    for s in range(1, 4):
         agree = out.diagnostics[f"agreement_stage{s}"]
         assert agree.shape == () and 0.0 <= agree.item() <= 1.0
     assert out.aux_losses == {}
@@ -46,8 +47,9 @@ def test_default_gamma_keeps_deepest_values_for_fewer_stages():
     assert [b.gamma for b in model(stages=2).blocks] == [0.3, 0.4]
     assert [b.gamma for b in model(stages=3, gamma=0.25).blocks] == [0.25] * 3
     assert [b.gamma for b in model(stages=2, gamma=(0.0, 0.5)).blocks] == [0.0, 0.5]
-    # more stages than the backbone has: a block after every stage
-    assert model(stages=9, gamma=0.1).block_stages == (0, 1, 2, 3)
+    # more stages than the backbone has: a block after every stage (narrow ones too on request)
+    assert model(stages=9, gamma=0.1, min_channels=0).block_stages == (0, 1, 2, 3)
+    assert model(stages=9, gamma=0.1).block_stages == (1, 2, 3)
 
 
 def test_eval_is_deterministic():
@@ -118,7 +120,7 @@ def test_stages_zero_is_the_one_pass_baseline():
 
 
 def test_classifier_weights_are_detached_and_P_learns_through_the_excitation():
-    net = model(dropout=0.0)
+    net = model(dropout=0.0, min_channels=0, gamma_warmup_epochs=0)
     out = net(clips())
     loss = net.loss(out, torch.tensor([0, 1]))
     loss.backward()
@@ -170,9 +172,32 @@ def test_ablation_switches_build_and_run(options):
 def test_backbone_with_fewer_stages_gets_a_block_per_stage():
     backbone = build_backbone("tiny")
     backbone.stages, backbone.stage_channels = backbone.stages[:3], backbone.stage_channels[:3]
-    net = build(K, backbone)  # stages=4 by default
+    net = build(K, backbone, min_channels=0)  # stages=4 by default
     assert net.block_stages == (0, 1, 2)
     assert [b.gamma for b in net.blocks] == [0.2, 0.3, 0.4]
+    narrow_skipped = build(K, backbone)  # 16 channels < 32: no block there
+    assert narrow_skipped.block_stages == (1, 2)
+    assert [b.gamma for b in narrow_skipped.blocks] == [0.3, 0.4]
+
+
+def test_gamma_warms_up_from_zero_over_the_first_epoch():
+    """Early wrong class choices must not scale the features the classifier learns from: at the
+    start γ is 0 (the blocks change nothing: the one-pass network), full after one epoch."""
+    x = clips()
+    net, plain = model(dropout=0.0).eval(), model(stages=0, dropout=0.0).eval()
+    plain.load_state_dict(
+        {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+    )
+    with torch.no_grad():
+        net.progress = 0.0
+        torch.testing.assert_close(net(x).logits, plain(x).logits)
+        net.progress = 0.5
+        assert net.gamma_scale() == 0.5
+        half = net(x).logits
+        net.progress = 3.0
+        assert net.gamma_scale() == 1.0
+        assert not torch.allclose(half, net(x).logits)
+    assert model(gamma_warmup_epochs=0).gamma_scale() == 1.0
 
 
 @pytest.mark.parametrize(

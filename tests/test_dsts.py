@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import synthetic_clips
 from torch.func import functional_call
 from torch.nn import functional as F
 
 from finegrain.models import build_model, method_options
 from finegrain.models import dsts as dsts_module
 from finegrain.models.backbones import tiny
-from finegrain.models.base import TrainingStage, trainable_parameters
+from finegrain.models.base import MetaContext, TrainingStage, trainable_parameters
 from finegrain.models.dsts import DSTSLayer, improved_semhash, saturating_sigmoid
 
 
@@ -22,6 +23,10 @@ def _clips(batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _tiny_dsts(**options):
     options = {"neurons": 3, "layers": 2, "dropout": 0.0, **options}
     return build_model("dsts", 5, "tiny", width=4, **options)
+
+
+def _meta(labels, extras, reduce=lambda grads: None, lr=0.01, optimizer=None) -> MetaContext:
+    return MetaContext(labels=labels, extras=extras, reduce=reduce, lr=lr, optimizer=optimizer)
 
 
 def _randomise_batchnorm(module: torch.nn.Module) -> None:
@@ -64,10 +69,10 @@ def test_eval_is_deterministic_and_training_is_noisy():
 
 
 def test_every_scoring_kernel_and_gate_gets_a_gradient():
-    """With impulse="mean": summed impulses differ by 10^3-10^4 between neurons, so the Gumbel
-    softmax is one-hot to float precision and its straight-through gradient underflows to 0."""
+    """Standardized impulses (the default) keep the Gumbel softmax soft enough that its
+    straight-through gradient reaches every scoring kernel."""
     torch.manual_seed(0)
-    model = _tiny_dsts(impulse="mean").train()
+    model = _tiny_dsts().train()
     clips, labels = _clips(batch=8)
     out = model(clips)
     model.loss(out, labels).backward()
@@ -167,9 +172,8 @@ def test_ablation_variants_run(options):
     model = _tiny_dsts(**options)
     clips, labels = _clips()
     model.train()
-    if model.extra_batches:
-        model.meta_step((clips, labels), [_clips(seed=1)], lambda grads: None)
-    out = model(clips)
+    meta = _meta(labels, [_clips(seed=1)]) if model.extra_batches else None
+    out = model(clips, meta=meta)
     model.loss(out, labels).backward()
     model.eval()
     with torch.no_grad():
@@ -200,14 +204,14 @@ def test_udl_gradient_matches_finite_differences(monkeypatch):
     torch.manual_seed(0)
     alpha = 0.5
     model = dsts_module.build(
-        3, tiny(width=1), neurons=2, layers=2, impulse="mean", dropout=0.0, udl_inner_lr=alpha
+        3, tiny(width=1), neurons=2, layers=2, impulse="mean", dropout=0.0
     ).double()
     model.train()
     head = model.head
     x, val_x = torch.randn(2, 5, 8, 4, 2, 2, dtype=torch.float64)
     labels, val_labels = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([2, 2, 1, 0, 1])
 
-    grads, _, _ = model.udl_gradients(x, labels, val_x, val_labels)
+    grads, _, _ = model.udl_gradients(x, labels, val_x, val_labels, alpha)
 
     u0 = {n: p.detach().clone() for n, p in model.upstream_parameters().items()}
     d = {n: p for n, p in head.named_parameters() if n not in u0}
@@ -231,9 +235,14 @@ def test_udl_gradient_matches_finite_differences(monkeypatch):
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
-def test_meta_step_changes_u_and_only_u():
+def test_a_udl_forward_moves_u_only_then_runs_the_head_on_the_same_features():
+    """Steps 1–2 run inside the training forward on the backbone features it computes anyway:
+    u moves (by the run's optimizer), d and the backbone do not, and D_val's backbone pass
+    leaves the backbone's BatchNorm statistics alone."""
+    import copy
+
     torch.manual_seed(0)
-    model = _tiny_dsts(impulse="mean").train()
+    model = _tiny_dsts().train()
     upstream = {f"head.{n}" for n in model.upstream_parameters()}
     assert upstream == {f"head.layers.{j}.{p}" for j in range(2) for p in ("scoring", "gates")}
     assert {id(p) for p in model.hook_parameters()} == {
@@ -243,43 +252,72 @@ def test_meta_step_changes_u_and_only_u():
     assert main.isdisjoint(id(p) for p in model.hook_parameters())
     assert model.extra_batches == 1
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}  # buffers included
+    plain = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    optimizer = torch.optim.AdamW(model.hook_parameters(), lr=0.01)
     reduced = []
-    logs = model.meta_step(_clips(seed=0), [_clips(seed=1)], lambda grads: reduced.append(grads))
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == upstream
+    clips, labels = _clips(seed=0)
+    meta = _meta(labels, [_clips(seed=1)], reduce=reduced.append, optimizer=optimizer)
+    torch.manual_seed(1)
+    model(clips, meta=meta)
+    torch.manual_seed(1)
+    plain(clips)
+    moved = {k for k in before if not torch.equal(before[k], params[k].detach())}
+    assert moved == upstream
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in backbone.items())
     assert [g.shape for g in reduced[0]] == [p.shape for p in model.hook_parameters()]
     assert all(g.is_contiguous() for g in reduced[0])  # all_reduce works in place on them
-    assert set(logs) == {"udl/train_loss", "udl/val_loss", "udl/grad_norm"}
+    assert set(meta.stats) == {"udl/train_loss", "udl/val_loss", "udl/grad_norm", "udl/alpha"}
+    assert meta.stats["udl/alpha"] == pytest.approx(0.01)  # α is the run's learning rate
     assert all(p.grad is None for p in model.hook_parameters())
 
-    state = model.hook_state_dict()
-    other = _tiny_dsts(impulse="mean")
-    other.load_hook_state_dict(state)
-    assert other.hook_state_dict() == state
 
-
-def test_meta_step_reduces_before_stepping():
+def test_the_udl_step_uses_what_reduce_leaves_and_the_runs_optimizer():
     """``reduce`` averages across ranks in place; the step must use what it leaves."""
     torch.manual_seed(0)
-    model = _tiny_dsts(impulse="mean", udl_outer_lr=1.0).train()
+    model = _tiny_dsts().train()
     before = [p.detach().clone() for p in model.hook_parameters()]
 
     def fake_reduce(grads):
         for g in grads:
             g.fill_(0.5)
 
-    model.meta_step(_clips(seed=0), [_clips(seed=1)], fake_reduce)
+    clips, labels = _clips(seed=0)
+    sgd = torch.optim.SGD(model.hook_parameters(), lr=1.0)
+    model(clips, meta=_meta(labels, [_clips(seed=1)], fake_reduce, lr=1.0, optimizer=sgd))
     for p, p0 in zip(model.hook_parameters(), before):
         torch.testing.assert_close(p.detach(), p0 - 0.5)
+    # the old decision: its own SGD at udl_outer_lr, whatever the run's optimizer
+    fixed = _tiny_dsts(udl_alpha="fixed", udl_outer_lr=2.0).train()
+    before = [p.detach().clone() for p in fixed.hook_parameters()]
+    fixed(clips, meta=_meta(labels, [_clips(seed=1)], fake_reduce, optimizer=sgd))
+    for p, p0 in zip(fixed.hook_parameters(), before):
+        torch.testing.assert_close(p.detach(), p0 - 1.0)
+    state = fixed.hook_state_dict()
+    other = _tiny_dsts(udl_alpha="fixed")
+    other.load_hook_state_dict(state)
+    assert other.hook_state_dict() == state
 
 
 def test_without_udl_the_main_optimizer_trains_u():
     model = _tiny_dsts(udl=False)
     assert model.extra_batches == 0 and model.hook_parameters() == []
-    assert model.meta_step(_clips(), [_clips(seed=1)], lambda grads: None) == {}
-    assert model.hook_state_dict() == {}
+    clips, labels = _clips()
+    meta = _meta(labels, [_clips(seed=1)])
+    model.train()(clips, meta=meta)
+    assert meta.stats == {} and model.hook_state_dict() == {}
+
+
+def test_gates_start_at_plus_or_minus_two_so_training_noise_perturbs_routing():
+    torch.manual_seed(0)
+    gates = _tiny_dsts().head.layers[0].gates.detach()
+    assert set(gates.abs().unique().tolist()) == {2.0}
+    share = (gates > 0).float().mean().item()
+    assert 0.3 < share < 0.7  # about half the channels start temporal
+    small = _tiny_dsts(gate_init="small").head.layers[0].gates.detach()
+    assert small.abs().max() < 0.1  # the old decision: a coin flip under N(0, 1) noise
 
 
 def test_too_few_time_steps_is_a_clear_error():
@@ -294,8 +332,11 @@ def test_options_and_validation():
         "layers": 3,
         "sts": "gates",
         "synapse": "gumbel",
-        "impulse": "sum",
+        "impulse": "standardized",
+        "gate_init": "signed",
         "udl": True,
+        "udl_alpha": "run",
+        "udl_alpha_scale": 1.0,
         "tau": 1.0,
         "udl_inner_lr": 0.01,
         "udl_outer_lr": 0.01,
@@ -308,9 +349,12 @@ def test_options_and_validation():
         ({"layers": 2.0}, "layers must be an int >= 1"),
         ({"sts": "gate"}, "sts must be one of gates, fixed_halves, conv3d"),
         ({"synapse": "softmax"}, "synapse must be one of gumbel, average_all"),
-        ({"impulse": "max"}, "impulse must be one of sum, mean"),
+        ({"impulse": "max"}, "impulse must be one of standardized, sum, mean"),
+        ({"gate_init": "zeros"}, "gate_init must be one of signed, small"),
+        ({"udl_alpha": "sgd"}, "udl_alpha must be one of run, fixed"),
         ({"udl": "on"}, "udl must be True or False"),
         ({"tau": 0}, "tau must be a number > 0"),
+        ({"udl_alpha_scale": 0}, "udl_alpha_scale must be a number > 0"),
         ({"udl_inner_lr": -1.0}, "udl_inner_lr must be a number > 0"),
         ({"udl_outer_lr": "x"}, "udl_outer_lr must be a number > 0"),
         ({"dropout": 1.0}, "dropout must be in"),
@@ -319,3 +363,69 @@ def test_options_and_validation():
     for options, message in bad:
         with pytest.raises(ValueError, match=message):
             build_model("dsts", 5, "tiny", width=4, **options)
+
+
+# --- behaviour on real clips of the synthetic benchmark (METHODS.md, revised) ---------------
+
+
+def _train_steps(model, steps: int, per_step: int = 8, **adamw):
+    x, y = synthetic_clips(per_class=2, classes=12, size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05, **adamw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(len(y), generator=g)[:per_step]
+        loss = model.loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x, y, g
+
+
+@pytest.mark.parametrize("impulse", ["standardized", "sum"])
+def test_after_20_adamw_steps_routing_still_learns_and_spreads_only_when_standardized(impulse):
+    """The paper's raw impulse sum has a sample-independent offset that AdamW grows until the
+    Gumbel choice is one-hot: the scoring kernels get exactly zero gradient and one neuron takes
+    every clip. Standardized impulses keep learning and spread the clips over the neurons."""
+    torch.manual_seed(0)
+    model = build_model(
+        "dsts", 12, "tiny", width=8, neurons=4, layers=2, udl=False, impulse=impulse, dropout=0.0
+    ).train()
+    x, y, g = _train_steps(model, 20)
+    idx = torch.randperm(len(y), generator=g)[:8]
+    model.zero_grad()
+    model.loss(model(x[idx]), y[idx]).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    for j, layer in enumerate(model.head.layers):
+        kernels_learn = bool((layer.scoring.grad.flatten(1).abs().sum(1) > 0).all())
+        used = int((out.diagnostics[f"dsts/layer{j}/selected"] > 0).sum())
+        if impulse == "standardized":
+            assert kernels_learn and used >= 2, (j, used)
+        else:  # the failure the revision fixes, as measured
+            assert not kernels_learn and used == 1, (j, used)
+
+
+def test_udl_with_the_runs_optimizer_moves_u_over_ten_times_more_than_the_old_sgd():
+    """One α from the run and u moved by the run's optimizer (AdamW here) vs the old decision:
+    SGD at 0.01 on a meta-gradient already scaled by α = 0.01 barely moved the gates."""
+    import copy
+
+    x, y = synthetic_clips(per_class=2, classes=12, size=32)
+    torch.manual_seed(0)
+    base = build_model("dsts", 12, "tiny", width=8, neurons=4, layers=2, dropout=0.0).train()
+    moved = {}
+    for mode in ("run", "fixed"):
+        model = copy.deepcopy(base)
+        model.udl_alpha = mode
+        u0 = [p.detach().clone() for p in model.hook_parameters()]
+        opt = torch.optim.AdamW(model.hook_parameters(), lr=3e-3, weight_decay=0.05)
+        g = torch.Generator().manual_seed(0)
+        for step in range(5):
+            i, j = (torch.randperm(len(y), generator=g)[:8] for _ in range(2))
+            torch.manual_seed(step)
+            model(x[i], meta=_meta(y[i], [(x[j], y[j])], lr=3e-3, optimizer=opt))
+        moved[mode] = sum(
+            (p.detach() - p0).norm() ** 2 for p, p0 in zip(model.hook_parameters(), u0)
+        ).sqrt()
+    assert moved["run"] > 10 * moved["fixed"], moved

@@ -61,7 +61,8 @@ def eval_diagnostics(method: str, clips: torch.Tensor) -> dict:
     model = build_model(method, len(NAMES), "tiny")
     if method == "u2s":
         sums = torch.rand(len(NAMES), model.backbone.out_channels)
-        model.install_csm(sums, torch.ones(len(NAMES)))
+        topn = torch.arange(1, len(NAMES) + 1).float().clamp(max=len(NAMES))  # hits per top-n
+        model.install_csm(sums, torch.ones(len(NAMES)), topn)
     model.eval()
     with torch.no_grad():
         return model(to_model_input(clips)).diagnostics

@@ -157,8 +157,9 @@ def test_file_order_is_rays_own_file_shuffle_per_execution() -> None:
     assert file_order(files, None, 2) == files  # evaluation: as given
 
 
+@pytest.mark.parametrize("chunk", [None, 2, 3])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_plan_ranks_share_every_row_once_and_train_pads_to_equal_counts(world: int) -> None:
+def test_plan_ranks_share_every_row_once_and_train_pads_to_equal_counts(world, chunk) -> None:
     rows = {"/s/a.parquet": 5, "/s/b.parquet": 0, "/s/c.parquet": 6}  # 11 rows
     sequence = {}  # epoch → the rows of the epoch's sequence, as (path, row)
     for e in (0, 1):
@@ -168,8 +169,9 @@ def test_plan_ranks_share_every_row_once_and_train_pads_to_equal_counts(world: i
     def taken(pad: bool, rank: int) -> dict[int, list]:
         out = {0: [], 1: []}
         for item in plan_reads(rows, [0, 1], seed=7 if pad else None, rank=rank, world=world,
-                               pad=pad):  # fmt: skip
+                               pad=pad, chunk=chunk):  # fmt: skip
             assert item["rank"] == rank and item["world"] == world
+            assert chunk is None or item["end"] - item["begin"] <= chunk
             for r in range(item["begin"], item["end"]):
                 position = item["start"] + r - item["begin"]
                 if position % world == rank:
@@ -190,7 +192,7 @@ def test_plan_ranks_share_every_row_once_and_train_pads_to_equal_counts(world: i
         )  # evaluation: an exact partition, nothing padded
     assert all(i["stream"] == 0 for i in plan_reads(rows, [0], seed=1))
     two = plan_reads(rows, [0], seed=1, streams=2)
-    assert [i["stream"] for i in two] == [0, 1, 0, 1]  # interleaved file by file
+    assert [i["stream"] for i in two] == [0, 1, 0, 1]  # interleaved item by item
 
 
 # ---------------------------------------------------------------- through Ray Data
@@ -303,3 +305,52 @@ def test_pipeline_eval_views_tagged_by_video(ray_cluster, videos, tmp_path: Path
     assert sorted(views) == ["v0", "v1", "v2"]
     for vid, tagged in views.items():
         assert sorted(tagged) == [(k, videos[vid][1]) for k in range(6)]
+
+
+class _Blocks:
+    """A stand-in for a run's dataset: its blocks, and how many were read."""
+
+    def __init__(self, blocks):
+        self.blocks, self.read = blocks, 0
+
+    def iter_batches(self, **_):
+        for block in self.blocks:
+            self.read += 1
+            yield block
+
+
+def _block(epoch: int, stream: int, rows: int, start: int = 0) -> dict[str, np.ndarray]:
+    return {
+        "clip": np.zeros((rows, 1, 2, 2, 3), np.uint8),
+        "label": np.arange(start, start + rows) % 3,
+        "video_id": np.array([f"v{start + i}" for i in range(rows)]),
+        "view": np.zeros(rows, np.int64),
+        "epoch": np.full(rows, epoch, np.int32),
+        "stream": np.full(rows, stream, np.int8),
+    }
+
+
+def test_epoch_batches_end_each_part_where_the_plan_does_without_reading_ahead() -> None:
+    """Blocks come in plan order (epoch by epoch: training rows of every sampler, then the
+    evaluation views): a part ends at the first block of a later part, not at the run's end."""
+    from finegrain.datasets.pipeline import EVAL
+
+    plan = [
+        _block(0, 0, 5), _block(0, 1, 5), _block(0, 0, 2, 5), _block(0, 1, 2, 5),
+        _block(0, EVAL, 7),
+        _block(1, 0, 5), _block(1, 1, 5), _block(1, 0, 2, 5), _block(1, 1, 2, 5),
+        *[_block(e, 0, 7) for e in range(2, 40)],
+    ]  # fmt: skip
+    ds = _Blocks(plan)
+    batches = EpochBatches(ds, batch_size=4, streams=2, eval_batch_size=3)
+    sizes, extras = [], []
+    for batch in batches.epoch(0):
+        sizes.append(len(batch["labels"]))
+        extras.append(len(batches.extra(0)["labels"]))
+    assert sizes == extras == [4, 3]  # 7 rows of each sampler, the last batch short
+    assert [len(b["labels"]) for b in batches.evaluation(0)] == [3, 3, 1]
+    assert ds.read == 6  # stopped at the first block of epoch 1
+    assert [len(b["labels"]) for b in batches.epoch(1)] == [4, 3]
+    assert ds.read == 10  # epoch 1 ends at the first block of epoch 2
+    assert list(batches.evaluation(1)) == []  # none planned for epoch 1 (kept from epoch 0)
+    assert ds.read == 10

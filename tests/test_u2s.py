@@ -15,6 +15,7 @@ from finegrain.models.u2s import (
     channel_sparsity,
     mean_confusers,
     similarity_from_sparsity,
+    topn_confusers,
 )
 
 K = 4
@@ -166,7 +167,9 @@ def test_category_reg_off_drops_the_term(batch):
         ({"owned_stages": 5}, "owned_stages"),
         ({"alpha": 1.5}, "alpha"),
         ({"confusers": 4}, "confusers"),
-        ({"alpha": 0.5, "confusers": 1}, "alpha or confusers"),
+        ({"confusers": "many"}, "confusers"),
+        ({"confusers_topn_target": 0.0}, "confusers_topn_target"),
+        ({"stage_shares": (0.5, 0.5)}, "stage_shares"),
         ({"lam": -1.0}, "lam"),
         ({"category_reg": "yes"}, "category_reg"),
         ({"oracle": 1}, "oracle"),
@@ -224,6 +227,34 @@ def test_confusers_n_gives_n_confusers_on_average(n):
     assert mean_confusers(binary_csm(s, alpha_for_confusers(s, n))) == n
 
 
+@pytest.mark.parametrize(
+    ("table", "target", "confusers"),
+    [
+        ([0.5, 0.92, 0.97, 1.0], 0.9, 1),  # top-2 reaches 0.9: each class and one other
+        ([0.5, 0.8, 0.88, 1.0], 0.9, 3),
+        ([0.95, 1.0, 1.0, 1.0], 0.9, 0),  # top-1 suffices: no confuser
+        ([0.5, 0.8, 0.85, 0.9], 0.85, 2),  # SSv2's 85 %
+        ([0.2, 0.3, 0.4, 0.5], 0.9, 3),  # never reached: every other class
+    ],
+)
+def test_confusers_auto_is_the_papers_top_n_rule(table, target, confusers):
+    assert topn_confusers(torch.tensor(table, dtype=torch.float64), target) == confusers
+
+
+def test_confusers_auto_chooses_alpha_from_the_trained_universal_networks_top_n():
+    model = u2s()  # confusers="auto", target 0.9
+    xi = torch.rand(K, model.backbone.out_channels, generator=torch.Generator().manual_seed(1))
+    counts = torch.full((K,), 5.0)
+    with pytest.raises(ValueError, match="needs the UN's top-n"):
+        model.install_csm(xi, counts)
+    hits = torch.tensor([10.0, 19.0, 20.0, 20.0])  # top-2 accuracy 0.95 of 20 samples
+    model.install_csm(xi * 5, counts, hits)
+    assert mean_confusers(model.csm) == 1
+    torch.testing.assert_close(
+        model.csm_diagnostics()["topn_accuracy"], torch.tensor([0.5, 0.95, 1.0, 1.0])
+    )
+
+
 def test_confusers_option_sets_alpha_when_the_csm_is_installed():
     model = u2s(confusers=2)
     xi = torch.rand(K, model.backbone.out_channels, generator=torch.Generator().manual_seed(1))
@@ -244,12 +275,19 @@ def test_unseen_classes_confuse_nobody():
 def test_accumulate_sparsity_matches_the_un_features(batch):
     clips, labels = batch
     model = u2s().train()
-    sums, counts = model.accumulate_sparsity([(clips[:2], labels[:2]), (clips[2:], labels[2:])])
+    sums, counts, topn = model.accumulate_sparsity(
+        [(clips[:2], labels[:2]), (clips[2:], labels[2:])]
+    )
     assert model.training  # mode restored
     with torch.no_grad():
-        xi = channel_sparsity(model.eval().backbone(clips)[-1])
+        u = model.eval().backbone(clips)[-1]
+        xi = channel_sparsity(u)
+        scores = model.universal_head(u)
     torch.testing.assert_close(sums.float(), xi)  # one sample per class
     assert counts.tolist() == [1, 1, 1, 1]
+    rank = (scores > scores.gather(1, labels[:, None])).sum(1)  # of the true class
+    assert topn.tolist() == [float((rank < n).sum()) for n in range(1, K + 1)]
+    assert topn[-1] == 4  # everyone is in the top K
 
 
 def test_compute_csm_reduces_across_ranks(batch):
@@ -387,7 +425,7 @@ def test_begin_stage_computes_the_csm_once(batch):
     model.begin_stage(0, train_batches, reduce_mean)
     assert not calls and not bool(model.specific_enabled)
     model.begin_stage(1, train_batches, reduce_mean)
-    assert reduced == [2]  # [sums, counts]
+    assert reduced == [3]  # [sums, counts, top-n hits]
     model.begin_stage(2, train_batches)  # resume / next stage: already installed
     assert len(calls) == 1 and bool(model.specific_enabled)
     no_mn = u2s(mask_network=False)

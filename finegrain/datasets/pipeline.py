@@ -235,6 +235,7 @@ def plan_reads(
     world: int = 1,
     pad: bool = True,
     streams: int = 1,
+    chunk: int | None = None,
 ) -> list[dict[str, Any]]:
     """The read items of rank ``rank`` of ``world`` for ``epochs``, in consumption order.
 
@@ -243,11 +244,13 @@ def plan_reads(
     sequence; the rank keeps the positions ``p`` with ``p % world == rank``. ``pad``: the
     sequence is padded to a multiple of ``world`` with its own first rows (items starting at
     positions ``>= n``), so every rank gets ``ceil(n / world)`` rows per epoch (training);
-    without it the ranks partition the split exactly (evaluation).
+    without it the ranks partition the split exactly (evaluation). ``chunk``: at most this many
+    rows per item (a read task each: small blocks, which the decode actors share out and the
+    training loop gets a batch at a time; default a whole file per item).
 
     ``streams > 1``: further independent samplers over the same split (stream ``s`` shuffles the
-    files with the seed ``stream_seed(seed, s)``), their items interleaved file by file with the
-    main stream's (stream 0), so one execution feeds them all (DSTS's UDL draws its D_val batches
+    files with the seed ``stream_seed(seed, s)``), their items interleaved with the main
+    stream's (stream 0), so one execution feeds them all (DSTS's UDL draws its D_val batches
     from stream 1).
     """
     if not 0 <= rank < world:
@@ -255,7 +258,8 @@ def plan_reads(
     items = []
     for epoch in epochs:
         per_stream = [
-            _epoch_items(rows, epoch, stream_seed(seed, s), s, world, pad) for s in range(streams)
+            _epoch_items(rows, epoch, stream_seed(seed, s), s, world, pad, chunk)
+            for s in range(streams)
         ]
         for k in range(max(len(p) for p in per_stream)):
             items += [p[k] for p in per_stream if k < len(p)]
@@ -271,15 +275,17 @@ def stream_seed(seed: int | None, stream: int) -> int | None:
     return zlib.crc32(f"{seed}/stream{stream}".encode())
 
 
-def _epoch_items(rows, epoch, seed, stream, world, pad) -> list[dict[str, Any]]:
+def _epoch_items(rows, epoch, seed, stream, world, pad, chunk) -> list[dict[str, Any]]:
     order = file_order(sorted(rows), seed, epoch)
     items, position = [], 0
 
     def add(path: str, end: int) -> None:
-        items.append(
-            {"epoch": epoch, "stream": stream, "path": path, "begin": 0, "end": end,
-             "start": position}
-        )  # fmt: skip
+        step = chunk or max(end, 1)
+        for begin in range(0, end, step):
+            items.append(
+                {"epoch": epoch, "stream": stream, "path": path, "begin": begin,
+                 "end": min(end, begin + step), "start": position + begin}
+            )  # fmt: skip
 
     for path in order:
         if rows[path]:
@@ -304,11 +310,12 @@ def planned_rows(rows: dict[str, int], world: int, rank: int, pad: bool) -> int:
     return len(range(rank, total, world))
 
 
-def read_planned(batch: dict[str, np.ndarray], block_rows: int = 32) -> Iterator[pa.Table]:
-    """The ``map_batches`` read step: plan items -> the rank's rows, ``block_rows`` at a time.
+def read_planned(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+    """The ``map_batches`` read step: plan items -> the rank's rows of each, one block per item.
 
-    Streams each file (one record batch at a time, never a whole shard in memory) and keeps the
-    rows at the rank's positions; every output block holds rows of one epoch only.
+    Reads only the Parquet row groups that hold the item's rows (a shard's row groups are a
+    few MB; a whole shard is never in memory) and keeps the rows at the rank's positions; a
+    block holds rows of one epoch and one stream.
     """
     for k in range(len(batch["path"])):
         path, epoch, stream = str(batch["path"][k]), int(batch["epoch"][k]), int(batch["stream"][k])
@@ -318,24 +325,22 @@ def read_planned(batch: dict[str, np.ndarray], block_rows: int = 32) -> Iterator
         wanted = np.arange(first, end, world)
         if len(wanted) == 0:
             continue
-        offset = 0
-        for record_batch in pq.ParquetFile(path).iter_batches(
-            batch_size=max(block_rows * world, 256), columns=_COLUMNS
-        ):
-            lo, hi = offset, offset + record_batch.num_rows
-            offset = hi
-            if hi <= first:
-                continue
-            if lo >= end:
-                break
-            take = wanted[(wanted >= lo) & (wanted < hi)] - lo
-            if len(take) == 0:
-                continue
-            table = pa.Table.from_batches([record_batch]).take(pa.array(take))
-            table = table.append_column("epoch", pa.array(np.full(len(take), epoch, np.int32)))
-            table = table.append_column("stream", pa.array(np.full(len(take), stream, np.int8)))
-            for i in range(0, table.num_rows, block_rows):
-                yield table.slice(i, block_rows)
+        table = _read_rows(path, wanted)
+        table = table.append_column("epoch", pa.array(np.full(len(wanted), epoch, np.int32)))
+        yield table.append_column("stream", pa.array(np.full(len(wanted), stream, np.int8)))
+
+
+def _read_rows(path: str, rows: np.ndarray) -> pa.Table:
+    """Rows ``rows`` (sorted) of ``path``'s video, video_id and label columns, reading only the
+    row groups that hold them."""
+    shard = pq.ParquetFile(path)
+    meta = shard.metadata
+    bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    groups = [
+        g for g in range(meta.num_row_groups) if bounds[g] <= rows[-1] and bounds[g + 1] > rows[0]
+    ]
+    table = shard.read_row_groups(groups, columns=_COLUMNS)
+    return table.take(pa.array(rows - bounds[groups[0]]))
 
 
 # --------------------------------------------------------------------------- bad videos
@@ -556,6 +561,7 @@ def build_clip_dataset(
         world=world,
         pad=train,
         streams=streams if train else 1,
+        chunk=config.decode_batch * world,
     )
     if not train:
         items = [{**item, "stream": stream} for item in items]
@@ -584,15 +590,20 @@ def build_run_dataset(
     after an epoch's training clips, they are decoded while that epoch trains."""
     train_rows, eval_rows = split_rows(shard_dir, "train"), split_rows(shard_dir, eval_split)
 
+    chunk = train_config.decode_batch * world
+
     def evaluation(epoch: int) -> list[dict[str, Any]]:
-        items = plan_reads(eval_rows, [epoch], seed=None, rank=rank, world=world, pad=False)
+        items = plan_reads(
+            eval_rows, [epoch], seed=None, rank=rank, world=world, pad=False, chunk=chunk
+        )
         return [{**item, "stream": EVAL} for item in items]
 
     items = []
     for k, epoch in enumerate(epochs):
         items += plan_reads(
-            train_rows, [epoch], seed=seed, rank=rank, world=world, pad=True, streams=streams
-        )
+            train_rows, [epoch], seed=seed, rank=rank, world=world, pad=True, streams=streams,
+            chunk=chunk,
+        )  # fmt: skip
         if evaluate == "every_epoch" or k == 0:
             items += evaluation(epoch)
     decoder = {
@@ -612,15 +623,9 @@ def _clip_dataset(shard_dir, items, config: ClipConfig, decoder: dict, what: str
         raise ValueError(f"{shard_dir}: nothing to read for {what}")
     decoder = {**decoder, "class_names": read_classes(shard_dir)}
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # read tasks: one plan item (a file, or the padding's rows) each, streamed in small blocks,
-    # so a shard's rows spread over all decode actors and no task holds a whole shard
-    ds = ds.map_batches(
-        read_planned,
-        fn_kwargs={"block_rows": config.decode_batch},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=config.read_cpus,
-    )
+    # read tasks: one plan item (a chunk of a file) each, one small block each, so a shard's
+    # rows spread over the decode actors and the loop gets its first batch early
+    ds = ds.map_batches(read_planned, batch_size=1, batch_format="numpy", num_cpus=config.read_cpus)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates remote arguments passed as extra keywords (removal in 2.64) but
         # names no parameter for max_restarts; its actor pool reads it from there (see
@@ -749,6 +754,12 @@ def iter_clip_batches(
         yield batch
 
 
+def _phase(stream: int) -> int:
+    """Where a stream's rows sit within an epoch of the plan: training (all its samplers,
+    interleaved) first, then the evaluation views."""
+    return 1 if stream == EVAL else 0
+
+
 class EpochBatches:
     """One rank's batches of a run's dataset (:func:`build_run_dataset`), one epoch at a time.
 
@@ -758,6 +769,11 @@ class EpochBatches:
     views planned for epoch ``e``. Batches never straddle epochs; rows of an epoch the caller
     left before its end are skipped (``dropped`` counts them). The whole run is one iteration
     of the dataset, so the decode actors start once.
+
+    Where a part of the plan ends: blocks arrive in plan order (``preserve_order``), and the
+    plan is epoch by epoch, training rows then evaluation rows. So a block of (epoch, phase)
+    ends every part before it: its partial batches are handed out, and a caller waiting for
+    more of it gets None instead of reading ahead through the rest of the run.
     """
 
     def __init__(
@@ -779,6 +795,7 @@ class EpochBatches:
         self._batchers = {s: _Batcher(size) for s, size in sizes.items()}
         self._ready = {s: deque() for s in sizes}
         self._collate = ClipCollate()
+        self._frontier: tuple[int, int] = (-1, 0)  # the latest (epoch, phase) seen
         self._exhausted = False
         self.dropped = 0
 
@@ -791,6 +808,12 @@ class EpochBatches:
             return
         for run in _runs(block):
             s = int(run["stream"][0]) if "stream" in run else 0
+            here = (int(run["epoch"][0]), _phase(s)) if "epoch" in run else (0, 0)
+            if here > self._frontier:
+                self._frontier = here
+                for other, batcher in self._batchers.items():  # parts that ended before it
+                    if batcher.parts and (batcher.epoch, _phase(other)) < here:
+                        self._ready[other].extend(batcher.flush())
             self._ready[s].extend(self._batchers[s].add(run))
 
     def _take(self, stream: int, epoch: int) -> dict[str, np.ndarray] | None:
@@ -800,8 +823,8 @@ class EpochBatches:
                 self.dropped += len(ready.popleft()["label"])
             if ready:
                 return ready.popleft() if int(ready[0]["epoch"][0]) == epoch else None
-            if self._exhausted:
-                return None
+            if self._exhausted or self._frontier > (epoch, _phase(stream)):
+                return None  # that part of the plan is over
             self._pull()
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:

@@ -47,6 +47,8 @@ from finegrain.datasets.encode import write_mp4
 __all__ = [
     "CLASSES",
     "DEFAULT_CLASSES",
+    "KINDS",
+    "PRETRAIN_CLASSES",
     "GROUPS",
     "MARKER",
     "MAX_FRAMES",
@@ -192,6 +194,36 @@ GROUPS: tuple[tuple[SynthClass, ...], ...] = tuple(
     )
 )
 CLASSES: tuple[SynthClass, ...] = tuple(c for g in GROUPS for c in g)
+
+# The pretraining set (the analogue of Kinetics / ImageNet for the fine-grained benchmark):
+# coarse classes, a shape (the group) times a motion, drawn by the same renderer (backgrounds,
+# clutter, camera jitter, noise). Its own scene and templates: no pretraining class is, or is
+# confusable in the benchmark's sense with, a fine-grained class, whatever `classes` either set
+# uses (checked below).
+_COARSE_SHAPES = ("disc", "square", "diamond", "ring")
+_COARSE_MOTIONS = {
+    "drift": "drifting across the scene",
+    "orbit": "circling around a point",
+    "bounce": "bouncing up and down",
+    "pulse": "growing and shrinking in place",
+}
+PRETRAIN_CLASSES: tuple[SynthClass, ...] = tuple(
+    SynthClass(
+        f"A {shape} {phrase}",
+        shape,
+        "coarse",
+        "coarse",
+        f"{shape}-{motion}",
+        f"a {shape} {phrase}",
+    )
+    for motion, phrase in _COARSE_MOTIONS.items()
+    for shape in _COARSE_SHAPES
+)
+KINDS = {"finegrained": CLASSES, "pretrain": PRETRAIN_CLASSES}
+if {c.template for c in CLASSES} & {c.template for c in PRETRAIN_CLASSES} or {
+    c.scene for c in CLASSES
+} & {c.scene for c in PRETRAIN_CLASSES}:
+    raise AssertionError("the pretraining classes must be disjoint from the benchmark's")
 
 
 # --- drawing ---------------------------------------------------------------------------------
@@ -595,7 +627,48 @@ def _scene_occlude(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     return [f"{cname} {_NOUNS[kind]}", f"{oname} panel"], draw
 
 
+def _scene_coarse(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+    """Pretraining: one shape (disc, square, diamond, ring) with one coarse motion."""
+    rng, u, size = sc.rng, sc.unit, sc.size
+    shape, motion = variant.split("-")
+    color, cname = _vivid(rng)
+    h = rng.uniform(5.5, 8.0) * u
+    angle = rng.uniform(0, math.pi / 2)
+    start, dur = sc.window(0.6, 0.9)
+    cx, cy = rng.uniform(0.3, 0.7, size=2) * size
+    if motion == "drift":
+        x0, y0, x1, y1 = _path(sc, h + 2, 0.4 * size)
+    elif motion == "orbit":
+        radius = rng.uniform(0.15, 0.25) * size
+        phase, turns = rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.5) * rng.choice([-1, 1])
+    elif motion == "bounce":
+        height, bounces = rng.uniform(0.2, 0.35) * size, int(rng.integers(2, 4))
+        floor = rng.uniform(0.7, 0.85) * size
+    else:  # pulse
+        grow, cycles = rng.uniform(0.6, 1.0), rng.uniform(1.5, 3)
+
+    def draw(f: _Frame, t: int) -> None:
+        p = _progress(t, start, dur, ease=motion == "drift")
+        x, y, r = cx, cy, h
+        if motion == "drift":
+            x, y = x0 + (x1 - x0) * p, y0 + (y1 - y0) * p
+        elif motion == "orbit":
+            a = phase + 2 * math.pi * turns * p
+            x, y = cx + radius * math.cos(a), cy + radius * math.sin(a)
+        elif motion == "bounce":
+            y = floor - h - height * abs(math.sin(math.pi * bounces * p))
+        else:
+            r = h * (1 + grow * 0.5 * (1 - math.cos(2 * math.pi * cycles * p)))
+        if shape == "ring":
+            f.paint(np.abs(_disc(f.x, f.y, x, y, r)) - 0.35 * r, color)
+        else:
+            f.shape(shape, x, y, r, color, angle)
+
+    return [f"{cname} {shape}"], draw
+
+
 _SCENES: dict[str, Callable[[_Scene, str], tuple[list[str], Draw]]] = {
+    "coarse": _scene_coarse,
     "slide": _scene_slide,
     "notch": _scene_notch,
     "rotate": _scene_rotate,
@@ -681,12 +754,15 @@ def _clutter(sc: _Scene) -> list[Draw]:
     return items
 
 
-def render(class_index: int, *, size: int = 64, seed: int = 0, index: int = 0):
-    """Render one clip of ``CLASSES[class_index]`` from generator (seed, index).
+def render(
+    class_index: int, *, size: int = 64, seed: int = 0, index: int = 0, kind: str = "finegrained"
+):
+    """Render one clip of class ``class_index`` of ``kind`` (``CLASSES`` or, for
+    ``"pretrain"``, ``PRETRAIN_CLASSES``) from generator (seed, index).
 
     Returns ``(frames (T, size, size, 3) uint8, placeholders)``, T in [MIN_FRAMES, MAX_FRAMES].
     """
-    cls = CLASSES[class_index]
+    cls = KINDS[kind][class_index]
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     sc = _Scene(rng, size, int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1)))
     placeholders, draw = _SCENES[cls.scene](sc, cls.variant)
@@ -722,11 +798,18 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     return int(value)
 
 
-def _options(classes, videos_per_class, size, seed, val_fraction, fps, workers) -> dict:
-    """Validated options (``workers`` checked but not part of the output's identity)."""
+def _options(
+    classes, videos_per_class, size, seed, val_fraction, fps, workers,
+    kind="finegrained", val_videos_per_class=None,
+) -> dict:  # fmt: skip
+    """Validated options (``workers`` checked but not part of the output's identity; ``kind``
+    and ``val_videos_per_class`` only when not their defaults, so benchmarks generated before
+    these options existed keep their identity)."""
     _check_int("workers", workers, 1, 256)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     opts = {
-        "classes": _check_int("classes", classes, 2, len(CLASSES)),
+        "classes": _check_int("classes", classes, 2, len(KINDS[kind])),
         "videos_per_class": _check_int("videos_per_class", videos_per_class, 1, 100_000),
         "size": _check_int("size", size, 32, 512),
         "seed": _check_int("seed", seed, 0, 2**63 - 1),
@@ -738,23 +821,37 @@ def _options(classes, videos_per_class, size, seed, val_fraction, fps, workers) 
         raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    n_val = math.floor(opts["videos_per_class"] * val_fraction + 0.5)
-    if n_val >= opts["videos_per_class"]:
-        raise ValueError(
-            f"val_fraction={val_fraction} leaves no training video of "
-            f"videos_per_class={videos_per_class}; lower val_fraction or raise videos_per_class"
-        )
+    if val_videos_per_class is None:
+        n_val = math.floor(opts["videos_per_class"] * val_fraction + 0.5)
+        if n_val >= opts["videos_per_class"]:
+            raise ValueError(
+                f"val_fraction={val_fraction} leaves no training video of "
+                f"videos_per_class={videos_per_class}; lower val_fraction or raise "
+                "videos_per_class"
+            )
     opts["val_fraction"] = float(val_fraction)
+    if kind != "finegrained":
+        opts["kind"] = kind
+    if val_videos_per_class is not None:
+        opts["val_videos_per_class"] = _check_int(
+            "val_videos_per_class", val_videos_per_class, 1, 100_000
+        )
     return opts
 
 
 def _plan(opts: dict) -> tuple[list[int], set[int]]:
     """Class of every video index (shuffled, so ids do not give the class away) and the
-    validation indices (``round(val_fraction * videos_per_class)`` of every class)."""
+    validation indices: ``val_videos_per_class`` more videos of every class when given (the
+    class then has ``videos_per_class`` training videos), else ``round(val_fraction *
+    videos_per_class)`` of its ``videos_per_class``."""
     k, n = opts["classes"], opts["videos_per_class"]
+    n_val = opts.get("val_videos_per_class")
+    if n_val is None:
+        n_val = math.floor(n * opts["val_fraction"] + 0.5)
+    else:
+        n += n_val
     rng = np.random.default_rng(opts["seed"])
     labels = [int(c) for c in rng.permutation(np.repeat(np.arange(k), n))]
-    n_val = math.floor(n * opts["val_fraction"] + 0.5)
     val = set()
     for c in range(k):
         members = [i for i, label in enumerate(labels) if label == c]
@@ -766,10 +863,10 @@ def _video_id(index: int) -> str:
     return str(index + 1)
 
 
-def _make_video(task: tuple[int, int, int, int, int, str]) -> tuple[int, list[str], int, int]:
+def _make_video(task: tuple) -> tuple[int, list[str], int, int]:
     """Render and encode one video (runs in a worker): → (index, placeholders, frames, bytes)."""
-    index, class_index, seed, size, fps, path = task
-    frames, placeholders = render(class_index, size=size, seed=seed, index=index)
+    index, class_index, seed, size, fps, path, kind = task
+    frames, placeholders = render(class_index, size=size, seed=seed, index=index, kind=kind)
     write_mp4(path, frames, fps=fps)
     return index, placeholders, len(frames), Path(path).stat().st_size
 
@@ -796,17 +893,24 @@ def generate(
     val_fraction: float = 0.25,
     fps: int = 12,
     progress: bool = True,
+    kind: str = "finegrained",
+    val_videos_per_class: int | None = None,
 ) -> dict:
     """Write the benchmark under ``out`` (SSv2 layout, see the module docstring).
 
-    Options: ``classes`` the first K classes of :data:`CLASSES` (2..22), ``videos_per_class``,
-    ``size`` (even, 32..512 px), ``seed``, ``workers`` (processes; the output does not depend on
-    it), ``val_fraction`` (per class, in [0, 1)), ``fps``. Returns a summary dict (videos, train,
+    Options: ``classes`` the first K classes of :data:`CLASSES` (2..22; ``kind="pretrain"``: of
+    :data:`PRETRAIN_CLASSES`, 2..16), ``videos_per_class``, ``size`` (even, 32..512 px),
+    ``seed``, ``workers`` (processes; the output does not depend on it), ``val_fraction`` (per
+    class, in [0, 1)) or ``val_videos_per_class`` (that many validation videos per class on top
+    of ``videos_per_class`` training videos), ``fps``. Returns a summary dict (videos, train,
     val, classes, frames, bytes, seconds, out). Bad options raise ``ValueError`` before anything
     is written. ``workers > 1`` spawns processes, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
     """
-    opts = _options(classes, videos_per_class, size, seed, val_fraction, fps, workers)
+    opts = _options(
+        classes, videos_per_class, size, seed, val_fraction, fps, workers, kind,
+        val_videos_per_class,
+    )  # fmt: skip
     t0 = time.perf_counter()
     out = Path(out)
     videos = out / "videos"
@@ -815,7 +919,7 @@ def generate(
     (out / MARKER).unlink(missing_ok=True)
     labels, val = _plan(opts)
     tasks = [
-        (i, c, opts["seed"], opts["size"], opts["fps"], str(videos / f"{_video_id(i)}.mp4"))
+        (i, c, opts["seed"], opts["size"], opts["fps"], str(videos / f"{_video_id(i)}.mp4"), kind)
         for i, c in enumerate(labels)
     ]
     results: dict[int, tuple[list[str], int, int]] = {}
@@ -839,7 +943,7 @@ def generate(
             for result in pool.map(_make_video, tasks, chunksize=4):
                 record(result)
 
-    chosen = CLASSES[: opts["classes"]]
+    chosen = KINDS[kind][: opts["classes"]]
     _write_json(out / "labels.json", {c.name: str(i) for i, c in enumerate(chosen)})
     _write_json(
         out / "classes.json",
@@ -908,13 +1012,18 @@ def ensure_synthetic(
     val_fraction: float = 0.25,
     fps: int = 12,
     progress: bool = True,
+    kind: str = "finegrained",
+    val_videos_per_class: int | None = None,
 ) -> Path:
     """``out``, generated first unless it already holds a complete benchmark with these options.
 
     Complete means: the marker (written last by :func:`generate`) names this generator version
     and these options, and every annotated video exists. Anything else regenerates.
     """
-    opts = _options(classes, videos_per_class, size, seed, val_fraction, fps, workers)
+    opts = _options(
+        classes, videos_per_class, size, seed, val_fraction, fps, workers, kind,
+        val_videos_per_class,
+    )  # fmt: skip
     out = Path(out)
     if _is_complete(out, opts):
         if progress:
@@ -930,6 +1039,8 @@ def ensure_synthetic(
         val_fraction=val_fraction,
         fps=fps,
         progress=progress,
+        kind=kind,
+        val_videos_per_class=val_videos_per_class,
     )
     return out
 

@@ -6,14 +6,24 @@ cross-entropy plus its auxiliary terms). Everything else a method needs from the
 through :class:`FineGrainModel`'s small hook, used the same way for every method:
 
 - ``training_stages()``: the stages of the training procedure (U2S has three; the others one).
-  At the start of stage ``k`` the trainer calls ``begin_stage(k, train_batches, reduce)``, builds a fresh
-  optimizer over :func:`trainable_parameters` at ``lr * stage.lr_scale`` and (re-)wraps DDP.
-- ``extra_batches``: how many further disjoint training batches one iteration consumes (DSTS's
-  UDL needs one: D_val). When non-zero, the trainer calls ``meta_step(batch, extras, reduce)``
-  before the normal step; ``reduce`` all-reduces (averages) a list of gradient tensors across
-  DDP ranks, so a hook that updates parameters itself keeps the ranks identical.
+  At the start of stage ``k`` the trainer calls ``begin_stage(k, train_batches, reduce)``, builds a
+  fresh optimizer over :func:`trainable_parameters` at ``lr * stage.lr_scale`` and (re-)wraps DDP.
+- ``progress``: the trainer sets it before every training step to the epochs done so far (a
+  float: 1.5 is half-way through the second epoch), for warm-ups measured in epochs.
+- ``pretrained_prefixes``: the parameter-name prefixes that hold pretrained weights (the
+  backbone); the trainer trains them at ``optim.backbone_lr_scale`` times the rate.
+- ``extra_batches``: how many batches of further, independent training samplers one step uses
+  (DSTS's UDL needs one: D_val). When non-zero, the trainer calls ``forward(clips,
+  meta=MetaContext(...))`` in training; the model runs its meta step inside its forward, on the
+  backbone features it computes anyway. ``MetaContext.reduce`` all-reduces (averages) a list of
+  tensors across DDP ranks, so a meta step that updates parameters keeps the ranks identical.
+- ``hook_parameters()``: parameters the model updates itself in that meta step; the main
+  optimizer skips them, and the trainer hands the model an optimizer of the run's own type,
+  rate and schedule for them (``MetaContext.optimizer``).
 - ``hook_state_dict()`` / ``load_hook_state_dict()``: state the hook owns that is not in the
-  module's ``state_dict`` (e.g. DSTS's upstream optimizer), saved with every checkpoint.
+  module's ``state_dict``, saved with every checkpoint.
+- ``branch_logits(output)``: further predictions to evaluate on their own (DFB's z_avg, z_max,
+  z_xchannel); the trainer logs each one's validation top-1.
 
 The trainer stays generic: it never checks which method it is training.
 """
@@ -48,6 +58,25 @@ class ModelOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class MetaContext:
+    """What a model's meta step gets from the trainer in a training forward.
+
+    labels: the step's own labels (the batch is the one ``forward`` gets); extras: one batch of
+    each further sampler (model input, labels); reduce: averages tensors in place across the
+    ranks; lr: the run's learning rate right now (after warm-up and schedule); optimizer: an
+    optimizer of the run's type and rate over ``hook_parameters()`` (None without them).
+    The model writes scalars to log into ``stats``.
+    """
+
+    labels: Tensor
+    extras: list[Batch]
+    reduce: GradReducer
+    lr: float
+    optimizer: torch.optim.Optimizer | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class TrainingStage:
     """One stage of a method's training procedure.
@@ -67,6 +96,7 @@ class FineGrainModel(nn.Module):
     """Base class: the default hook is plain supervised training with cross-entropy."""
 
     extra_batches: int = 0
+    progress: float = 0.0  # epochs of training done (set by the trainer before each step)
 
     def loss(self, output: ModelOutput, labels: Tensor) -> Tensor:
         main = nn.functional.cross_entropy(output.logits, labels)
@@ -81,19 +111,20 @@ class FineGrainModel(nn.Module):
     ) -> None:
         """Called by the trainer when stage ``index`` starts (also when resuming into it).
 
-        ``train_batches()`` returns a fresh iterable over the training set (this rank's shard),
-        for work that must see the data between stages (U2S's category similarity matrix);
-        ``reduce`` averages tensors in place across ranks (averaging both a sum and its count
-        keeps their ratio), so every rank installs the same statistics.
+        ``train_batches()`` returns an iterable over training batches (the trainer's replay of
+        this rank's previous epoch), for work that must see the data between stages (U2S's
+        category similarity matrix); ``reduce`` averages tensors in place across ranks
+        (averaging both a sum and its count keeps their ratio), so every rank installs the same
+        statistics.
         """
 
-    def hook_parameters(self) -> list[nn.Parameter]:
-        """Parameters the hook updates itself (``meta_step``); the main optimizer skips them."""
-        return []
+    def pretrained_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the pretrained part (trained at the backbone's rate)."""
+        return ("backbone.",)
 
-    def meta_step(self, batch: Batch, extras: Sequence[Batch], reduce: GradReducer) -> dict:
-        """Runs before the normal step when ``extra_batches > 0``; returns scalars to log."""
-        return {}
+    def hook_parameters(self) -> list[nn.Parameter]:
+        """Parameters the hook updates itself (the meta step); the main optimizer skips them."""
+        return []
 
     def hook_state_dict(self) -> dict:
         return {}
@@ -101,13 +132,24 @@ class FineGrainModel(nn.Module):
     def load_hook_state_dict(self, state: dict) -> None:
         pass
 
+    def branch_logits(self, output: ModelOutput) -> dict[str, Tensor]:
+        """Named ``(B, K)`` predictions, besides ``logits``, to evaluate each on its own."""
+        return {}
+
 
 def trainable_parameters(model: FineGrainModel, stage: TrainingStage) -> list[nn.Parameter]:
     """Apply ``stage.frozen`` (requires_grad) and return what the main optimizer should train."""
+    return [p for _, p in trainable_named_parameters(model, stage)]
+
+
+def trainable_named_parameters(
+    model: FineGrainModel, stage: TrainingStage
+) -> list[tuple[str, nn.Parameter]]:
+    """As :func:`trainable_parameters`, with the parameters' names."""
     hook = {id(p) for p in model.hook_parameters()}
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(stage.frozen) if stage.frozen else True)
         if p.requires_grad and id(p) not in hook:
-            params.append(p)
+            params.append((name, p))
     return params

@@ -12,6 +12,12 @@ channels with the row of the classifier that the stage itself would predict:
 ``W`` is the head's current weight, detached: in the forward pass of iteration n it holds the
 weights of iteration n − 1 (the paper's "class weights as updated by the preceding iteration").
 The head is the one-pass baseline's GAP → dropout → linear, so ``stages=0`` is that baseline.
+
+Revised (METHODS.md): the spread over seeds comes from a feedback loop (early wrong class choices
+scale the features the classifier pools), so γ warms up linearly from 0 over the first
+``gamma_warmup_epochs`` of training, and stages narrower than ``min_channels`` get no block by
+default (a 16-channel stage has too little to select with). ``gamma_warmup_epochs=0`` and
+``min_channels=0`` give the old behaviour.
 """
 
 from __future__ import annotations
@@ -56,23 +62,30 @@ class ClassRegBlock(nn.Module):
         # 1×1×1 convolution is a linear map of each row. No bias: W_l = W · P_l (METHODS.md).
         self.P = nn.Linear(feature_channels, channels, bias=False)
 
-    def forward(self, A: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns ``(A'_l, c*)`` with ``c*`` (B,) the class this stage selected."""
+    def forward(self, A: Tensor, W: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Returns ``(A'_l, c*)`` with ``c*`` (B,) the class this stage selected; ``scale``
+        multiplies γ (its warm-up)."""
         a = A.mean(dim=(2, 3, 4))  # Eq. 1
         W_l = self.P(W)  # (K, C_l)
         c = (a @ W_l.t()).argmax(dim=1)  # Eq. 2; the softmax does not change the argmax
-        w = excitation_weights(W_l[c], self.gamma)  # Eq. 3
+        w = excitation_weights(W_l[c], self.gamma * scale)  # Eq. 3
         return A * w[:, :, None, None, None], c
 
 
 class ClassReg(FineGrainModel):
     def __init__(
-        self, backbone: Backbone, num_classes: int, gammas: Sequence[float], dropout: float
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        block_stages: Sequence[int],
+        gammas: Sequence[float],
+        dropout: float,
+        gamma_warmup_epochs: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        n = len(backbone.stages)
-        self.block_stages = tuple(range(n - len(gammas), n))  # stage index of each block
+        self.block_stages = tuple(block_stages)  # stage index of each block
+        self.gamma_warmup_epochs = gamma_warmup_epochs
         c_f = backbone.out_channels
         self.blocks = nn.ModuleList(
             ClassRegBlock(c_f, backbone.stage_channels[s], g)
@@ -80,15 +93,22 @@ class ClassReg(FineGrainModel):
         )
         self.head = ClassifierHead(c_f, num_classes, dropout)
 
+    def gamma_scale(self) -> float:
+        """γ's warm-up factor: linear from 0 to 1 over the first ``gamma_warmup_epochs``."""
+        if not self.gamma_warmup_epochs:
+            return 1.0
+        return min(1.0, self.progress / self.gamma_warmup_epochs)
+
     def forward(self, clips: Tensor) -> ModelOutput:
         W = self.head.fc.weight.detach()  # the previous iteration's class weights
         blocks = dict(zip(self.block_stages, self.blocks))
+        scale = self.gamma_scale()
         x = self.backbone.stem(clips)
         chosen = []
         for s, stage in enumerate(self.backbone.stages):
             x = stage(x)
             if s in blocks:
-                x, c = blocks[s](x, W)
+                x, c = blocks[s](x, W, scale)
                 chosen.append(c)
         logits = self.head(x)
         return ModelOutput(logits=logits, diagnostics=self._diagnostics(chosen, logits))
@@ -130,20 +150,41 @@ def build(
     *,
     stages: int = 4,
     gamma: float | Sequence[float] = DEFAULT_GAMMA,
+    min_channels: int = 32,
+    gamma_warmup_epochs: float = 1.0,
     dropout: float = 0.5,
 ) -> ClassReg:
     """ClassReg on ``backbone``.
 
     stages: blocks after the last ``stages`` backbone stages (all stages if the backbone has
-        fewer); 0 = no blocks = the one-pass baseline.
-    gamma: affection rate per block, shallow to deep (a float applies to all blocks). The default
-        schedule (0.1, 0.2, 0.3, 0.4) belongs to the last four stages; with fewer blocks the
-        deepest values are kept (e.g. three blocks → 0.2, 0.3, 0.4).
+        fewer), those narrower than ``min_channels`` skipped; 0 = no blocks = the one-pass
+        baseline.
+    gamma: affection rate per block of the last ``stages`` stages, shallow to deep (a float
+        applies to all). The default schedule (0.1, 0.2, 0.3, 0.4) belongs to the last four
+        stages; with fewer stages the deepest values are kept (three → 0.2, 0.3, 0.4). A
+        skipped stage drops its value.
+    gamma_warmup_epochs: γ rises linearly from 0 over this many epochs (0: at once).
     dropout: before the classifier, as the one-pass head.
     """
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
         raise ValueError(f"stages must be an int >= 0, got {stages!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+        raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
+    if not gamma_warmup_epochs >= 0:
+        raise ValueError(f"gamma_warmup_epochs must be >= 0, got {gamma_warmup_epochs}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    blocks = min(stages, len(backbone.stages))
-    return ClassReg(backbone, num_classes, _gammas(gamma, blocks), dropout)
+    n = len(backbone.stages)
+    candidates = list(range(n - min(stages, n), n))
+    gammas = _gammas(gamma, len(candidates))
+    kept = [
+        (s, g) for s, g in zip(candidates, gammas) if backbone.stage_channels[s] >= min_channels
+    ]
+    return ClassReg(
+        backbone,
+        num_classes,
+        [s for s, _ in kept],
+        [g for _, g in kept],
+        dropout,
+        float(gamma_warmup_epochs),
+    )

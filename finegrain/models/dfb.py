@@ -131,6 +131,12 @@ class DFB(FineGrainModel):
             "feature_stride": stride,
         }
 
+    def branch_logits(self, output: ModelOutput) -> dict[str, Tensor]:
+        """z_avg, z_max and z_xchannel on their own: where z_comb's accuracy comes from."""
+        if self.branches == "gb":
+            return {}
+        return {k: output.extras[k] for k in ("z_avg", "z_max", "z_xchannel")}
+
     def loss(self, output: ModelOutput, labels: Tensor) -> Tensor:
         """Eq. 1: CE(z_comb) + CE(z_avg) + CE(z_max) + CE(z_xchannel); ``gb``: CE(z_avg)."""
         ce = F.cross_entropy

@@ -6,14 +6,26 @@ logits g_i ∈ R^C, a spatial op S_i (1×3×3) and a temporal op T_i (3×1×1), 
 BN+ReLU, and a 1×1×1 fuse conv.
 
 - Impulses (Eqs. 1–2): v_i = Σ m_i(X) over channels and positions = (column-summed m_i) · (X summed
-  over positions), so a layer's N impulses are one matmul; ``impulse="mean"`` divides by C·T·H·W.
+  over positions), so a layer's N impulses are one matmul. ``impulse="standardized"`` (default,
+  METHODS.md revised) then standardises each neuron's impulse across the batch (a BatchNorm1d
+  over the N impulses without affine parameters; running statistics in evaluation), so the
+  choice depends on the sample; ``"sum"`` is the paper's raw sum, ``"mean"`` divides it by
+  C·T·H·W (a constant rescale that changes nothing).
 - Synapse (Eq. 3): training ``gumbel_softmax(V, tau, hard=True)`` (straight-through) and the layer
   output is Σ_i y_i Z'_i, so every neuron runs on the whole batch; evaluation takes argmax V with
   no noise and runs each sample through its selected neuron only (the batch grouped by neuron).
 - Gates (Improved Semhash): b = 1 routes a channel to T_i, b = 0 to S_i (Eqs. 4–8). In
   evaluation b is fixed per neuron, so S_i and T_i run only on their own input channels.
-- UDL (Eqs. 9–11) through the trainer hook (:mod:`finegrain.models.base`): ``meta_step`` does steps
-  1–2 on detached backbone features, the trainer's normal step is step 3.
+- Gate init (METHODS.md revised): each g_c = ±2 with a random sign (``gate_init="signed"``), so
+  the N(0, 1) training noise perturbs the routing instead of making it a coin flip;
+  ``"small"``: 0.01·randn (the old decision).
+- UDL (Eqs. 9–11) through the trainer hook (:mod:`finegrain.models.base`): in a training forward
+  with ``meta``, steps 1–2 run on the backbone features the forward computes anyway (detached,
+  for D_train) and one no-grad backbone pass over D_val; then the head runs on the features
+  with the new u, and the trainer's normal step is step 3. One α, as the paper: α is the run's
+  current learning rate (times ``udl_alpha_scale``, 1 = the paper) and u is updated by an
+  optimizer of the run's own type, rate and schedule (``udl_alpha="run"``); ``"fixed"`` is the
+  old decision (α = ``udl_inner_lr``, u by SGD at ``udl_outer_lr``).
 
 Ablations (paper Tables 3–7): ``sts`` gates | fixed_halves (first C//2 channels spatial, the rest
 temporal; no gates) | conv3d (one 3×3×3 conv + BN + ReLU per neuron, then the fuse; no gates);
@@ -24,21 +36,21 @@ Usage notes:
 - T >= 4 in the backbone's last stage (checked): ResNet-family backbones divide T by 8, so build
   them with ``keep_time=True``, e.g. ``build_model("dsts", K, "r2plus1d_18", keep_time=True)``
   with 8-frame clips gives T = 4 (``bench/model_cost.py`` does this).
-- With ``impulse="sum"`` (the paper's Eq. 2) impulses are sums over C·T·H·W elements and differ by
-  10^3–10^4 between neurons at initialisation, so the Gumbel softmax is one-hot to float
-  precision: the noise never changes the choice and the scoring kernels get ~0 gradient, from
-  the main loss and from UDL alike. ``impulse="mean"`` keeps them O(1).
+- With ``impulse="sum"`` (the paper's Eq. 2) impulses are sums over C·T·H·W elements with a large
+  sample-independent offset (x̄·Σ_out m_i) that AdamW grows from tens to thousands within a few
+  steps: the Gumbel softmax becomes one-hot to float precision, the noise never changes the
+  choice, the scoring kernels get exactly zero gradient and one neuron takes every clip.
+  ``"mean"`` is a constant rescale of the same. ``"standardized"`` removes the offset.
 - BatchNorm: in training every neuron normalises over the whole batch (all neurons run on all
   samples), in evaluation its running statistics are applied to the samples that selected it.
-- Cost: training runs all N neurons (N× the head of N=1); evaluation runs one per sample. The UDL
-  meta step costs two no-grad backbone forwards plus ~10 head forwards (step 1's backward keeps
-  its graph; step 2 back-propagates through it).
+- Cost: training runs all N neurons (N× the head of N=1); evaluation runs one per sample. A UDL
+  step costs one no-grad backbone forward (D_val) and the head passes of steps 1–2 on top of a
+  plain step (``bench/model_cost.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +58,14 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from finegrain.models.backbones import Backbone
-from finegrain.models.base import Batch, FineGrainModel, GradReducer, ModelOutput
+from finegrain.models.base import FineGrainModel, MetaContext, ModelOutput
 from finegrain.models.onepass import ClassifierHead
 
 STS = ("gates", "fixed_halves", "conv3d")
 SYNAPSES = ("gumbel", "average_all")
-IMPULSES = ("sum", "mean")
+IMPULSES = ("standardized", "sum", "mean")
+GATE_INITS = ("signed", "small")
+UDL_ALPHAS = ("run", "fixed")
 UPSTREAM = ("scoring", "gates")  # parameter names of u (METHODS.md); everything else is d
 MIN_TIME = 4
 
@@ -130,29 +144,49 @@ class DSTSLayer(nn.Module):
     """
 
     def __init__(
-        self, channels: int, neurons: int, sts: str, synapse: str, impulse: str, tau: float
+        self,
+        channels: int,
+        neurons: int,
+        sts: str,
+        synapse: str,
+        impulse: str,
+        tau: float,
+        gate_init: str = "signed",
     ) -> None:
         super().__init__()
         self.impulse, self.tau = impulse, tau
         self.neurons = nn.ModuleList(SpecializedNeuron(channels, sts) for _ in range(neurons))
-        self.scoring = self.gates = None
+        self.scoring = self.gates = self.standardize = None
         if synapse == "gumbel":
             self.scoring = nn.Parameter(torch.empty(neurons, channels, channels))
             for m in self.scoring.data:  # as a 1×1×1 Conv3d's default init
                 nn.init.kaiming_uniform_(m, a=math.sqrt(5))
+            if impulse == "standardized":  # each neuron's impulse centred and scaled (batch)
+                self.standardize = nn.BatchNorm1d(neurons, affine=False)
         if sts == "gates":
-            # Decision (paper silent): logits near 0, i.e. every channel starts undecided
-            # (p = 0.5 under the training noise); tiny random signs give a mixed eval routing.
-            self.gates = nn.Parameter(0.01 * torch.randn(neurons, channels))
+            if gate_init == "signed":  # METHODS.md revised: ±2, half the channels temporal
+                sign = torch.randint(0, 2, (neurons, channels)).float() * 2 - 1
+                self.gates = nn.Parameter(2.0 * sign)
+            else:  # the old decision: logits near 0 (routing a coin flip under the noise)
+                self.gates = nn.Parameter(0.01 * torch.randn(neurons, channels))
         if sts == "fixed_halves":  # b: first C//2 channels spatial, the rest temporal
             halves = (torch.arange(channels) >= channels // 2).float()
             self.register_buffer("halves", halves, persistent=False)
         self.sts = sts
 
     def impulses(self, x: Tensor) -> Tensor:
-        """V ``(B, N)``: v_i = Σ_{c,t,h,w} m_i(X) (Eqs. 1–2) = (Σ_pos X)·(Σ_out m_i), one matmul."""
+        """V ``(B, N)``: v_i = Σ_{c,t,h,w} m_i(X) (Eqs. 1–2) = (Σ_pos X)·(Σ_out m_i), one matmul;
+        standardised across the batch (running statistics in evaluation, and for a batch of
+        one) with ``impulse="standardized"``."""
         v = x.sum(dim=(2, 3, 4)) @ self.scoring.sum(dim=1).T
-        return v / x[0].numel() if self.impulse == "mean" else v
+        if self.impulse == "mean":
+            return v / x[0].numel()
+        if self.standardize is not None:
+            bn = self.standardize
+            if self.training and v.shape[0] > 1:
+                return bn(v)
+            return F.batch_norm(v, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
+        return v
 
     def routing(self, i: int, batch: int) -> Tensor | None:
         """b of neuron i: ``(batch, C)`` sampled (training, gates) or ``(C,)``; None for conv3d."""
@@ -210,11 +244,13 @@ class DSTSHead(nn.Module):
         synapse: str,
         impulse: str,
         tau: float,
+        gate_init: str,
         dropout: float,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DSTSLayer(channels, neurons, sts, synapse, impulse, tau) for _ in range(layers)
+            DSTSLayer(channels, neurons, sts, synapse, impulse, tau, gate_init)
+            for _ in range(layers)
         )
         self.classifier = ClassifierHead(channels, num_classes, dropout)
 
@@ -227,7 +263,7 @@ class DSTSHead(nn.Module):
 
 
 class DSTS(FineGrainModel):
-    """Backbone + :class:`DSTSHead`; with ``udl`` the trainer hook runs UDL's steps 1–2.
+    """Backbone + :class:`DSTSHead`; with ``udl`` a training forward given ``meta`` runs UDL.
 
     Upstream parameters u: every layer's ``scoring`` and ``gates``; downstream d: the rest of the
     head (neurons' S, T, BN, fuse and the classifier). The backbone is trained in step 3 only.
@@ -239,6 +275,8 @@ class DSTS(FineGrainModel):
         num_classes: int,
         *,
         udl: bool,
+        udl_alpha: str,
+        udl_alpha_scale: float,
         udl_inner_lr: float,
         udl_outer_lr: float,
         **head_options,
@@ -246,7 +284,8 @@ class DSTS(FineGrainModel):
         super().__init__()
         self.backbone = backbone
         self.head = DSTSHead(backbone.out_channels, num_classes, **head_options)
-        self.udl, self.udl_inner_lr, self.udl_outer_lr = udl, udl_inner_lr, udl_outer_lr
+        self.udl, self.udl_alpha, self.udl_alpha_scale = udl, udl_alpha, udl_alpha_scale
+        self.udl_inner_lr, self.udl_outer_lr = udl_inner_lr, udl_outer_lr
         self.extra_batches = 1 if udl else 0
         self._upstream_optimizer: torch.optim.Optimizer | None = None
 
@@ -263,8 +302,14 @@ class DSTS(FineGrainModel):
             )
         return x
 
-    def forward(self, clips: Tensor) -> ModelOutput:
-        logits, selected = self.head(self.features(clips))
+    def forward(self, clips: Tensor, meta: MetaContext | None = None) -> ModelOutput:
+        """With ``meta`` (training, UDL on): steps 1–2 of UDL on these clips' backbone features
+        (detached) and on ``meta.extras[0]`` (D_val), then the head on the same features with
+        the updated u — the trainer's backward of this output is step 3."""
+        x = self.features(clips)
+        if meta is not None and self.udl and self.training:
+            self.udl_step(x.detach(), meta)
+        logits, selected = self.head(x)
         return ModelOutput(logits=logits, diagnostics=self._diagnostics(selected))
 
     def _diagnostics(self, selected: list[Tensor | None]) -> dict[str, Tensor]:
@@ -297,7 +342,7 @@ class DSTS(FineGrainModel):
         return functional_call(module, {**params, **buffers}, (x,))
 
     def udl_gradients(
-        self, x: Tensor, labels: Tensor, val_x: Tensor, val_labels: Tensor
+        self, x: Tensor, labels: Tensor, val_x: Tensor, val_labels: Tensor, alpha: float
     ) -> tuple[list[Tensor], Tensor, Tensor]:
         """∇_u ℓ(û, d̂; D_val) (Eq. 10) on backbone features X of D_train and D_val.
 
@@ -310,9 +355,7 @@ class DSTS(FineGrainModel):
         logits, _ = self._stateless(self.head, {**u, **d}, x)
         loss = self.loss(ModelOutput(logits=logits), labels)
         grads = torch.autograd.grad(loss, list(d.values()), create_graph=True, allow_unused=True)
-        d_hat = {
-            n: p if g is None else p - self.udl_inner_lr * g for (n, p), g in zip(d.items(), grads)
-        }
+        d_hat = {n: p if g is None else p - alpha * g for (n, p), g in zip(d.items(), grads)}
         u_hat = {n: p.detach() for n, p in u.items()}
         val_logits, _ = self._stateless(self.head, {**u_hat, **d_hat}, val_x)
         val_loss = self.loss(ModelOutput(logits=val_logits), val_labels)
@@ -326,37 +369,41 @@ class DSTS(FineGrainModel):
         return grads_u, loss.detach(), val_loss.detach()
 
     def upstream_optimizer(self) -> torch.optim.Optimizer:
-        """u's own optimizer (Eq. 10: plain gradient descent at ``udl_outer_lr``), made lazily."""
+        """``udl_alpha="fixed"``: u's own SGD at ``udl_outer_lr`` (the old decision), lazily."""
         if self._upstream_optimizer is None:
             params = list(self.upstream_parameters().values())
             self._upstream_optimizer = torch.optim.SGD(params, lr=self.udl_outer_lr)
         return self._upstream_optimizer
 
-    def meta_step(self, batch: Batch, extras: Sequence[Batch], reduce: GradReducer) -> dict:
-        """UDL steps 1–2 on ``batch`` (D_train) and ``extras[0]`` (D_val); updates u only.
+    def udl_step(self, x: Tensor, meta: MetaContext) -> None:
+        """UDL steps 1–2 on D_train's features ``x`` (detached) and D_val; updates u only.
 
-        Backbone features are computed once under no_grad (running statistics untouched), so
-        the meta step costs two backbone forwards and head passes.
+        α is the run's learning rate now (``udl_alpha="run"``, times ``udl_alpha_scale``) and u
+        moves with the run's own optimizer (``meta.optimizer``); ``"fixed"``: α =
+        ``udl_inner_lr`` and SGD at ``udl_outer_lr``. D_val's backbone features come from one
+        no-grad pass that leaves BatchNorm's running statistics alone.
         """
-        if not self.udl:
-            return {}
-        (clips, labels), (val_clips, val_labels) = batch, extras[0]
+        val_clips, val_labels = meta.extras[0]
         with torch.no_grad():
-            x = self._check_time(self._stateless(self.backbone, {}, clips)[-1], clips)
             val_x = self._check_time(self._stateless(self.backbone, {}, val_clips)[-1], val_clips)
-        grads, loss, val_loss = self.udl_gradients(x, labels, val_x, val_labels)
-        reduce(grads)
-        optimizer = self.upstream_optimizer()
+        run = self.udl_alpha == "run" and meta.optimizer is not None
+        alpha = meta.lr * self.udl_alpha_scale if run else self.udl_inner_lr
+        grads, loss, val_loss = self.udl_gradients(x, meta.labels, val_x, val_labels, alpha)
+        meta.reduce(grads)
+        optimizer = meta.optimizer if run else self.upstream_optimizer()
         for p, g in zip(self.upstream_parameters().values(), grads):
             p.grad = g
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-        return {
-            "udl/train_loss": loss.item(),
-            "udl/val_loss": val_loss.item(),
-            "udl/grad_norm": norm.item(),
-        }
+        meta.stats.update(
+            {
+                "udl/train_loss": loss.item(),
+                "udl/val_loss": val_loss.item(),
+                "udl/grad_norm": norm.item(),
+                "udl/alpha": alpha,
+            }
+        )
 
     def hook_state_dict(self) -> dict:
         if self._upstream_optimizer is None:
@@ -381,17 +428,23 @@ def build(
     layers: int = 3,
     sts: str = "gates",
     synapse: str = "gumbel",
-    impulse: str = "sum",
+    impulse: str = "standardized",
+    gate_init: str = "signed",
     udl: bool = True,
+    udl_alpha: str = "run",
+    udl_alpha_scale: float = 1.0,
     tau: float = 1.0,
     udl_inner_lr: float = 0.01,
     udl_outer_lr: float = 0.01,
     dropout: float = 0.5,
 ) -> DSTS:
-    """DSTS with the paper's defaults (N=10, L=3, τ=1, gates, Gumbel synapse, sum impulse, UDL).
+    """DSTS with the paper's defaults (N=10, L=3, τ=1, gates, Gumbel synapse, UDL) and the
+    revised decisions of METHODS.md (standardized impulse, ±2 gates, one α from the run).
 
-    ``udl_inner_lr`` is α of the simulated update (Eq. 9); ``udl_outer_lr`` the learning rate of
-    u's own optimizer (Eq. 10); the paper uses one α for both (0.01 with SGD for TPN).
+    ``impulse``: standardized | sum (the paper's Eq. 2) | mean. ``gate_init``: signed (±2) |
+    small (0.01·randn). ``udl_alpha``: run (α = the run's current learning rate ×
+    ``udl_alpha_scale``; u moved by the run's optimizer) | fixed (α = ``udl_inner_lr``, u by SGD
+    at ``udl_outer_lr``: the old decision).
     """
     for field, value in (("neurons", neurons), ("layers", layers)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -399,10 +452,13 @@ def build(
     _choice("sts", sts, STS)
     _choice("synapse", synapse, SYNAPSES)
     _choice("impulse", impulse, IMPULSES)
+    _choice("gate_init", gate_init, GATE_INITS)
+    _choice("udl_alpha", udl_alpha, UDL_ALPHAS)
     if not isinstance(udl, bool):
         raise ValueError(f"udl must be True or False, got {udl!r}")
     for field, value in (
         ("tau", tau),
+        ("udl_alpha_scale", udl_alpha_scale),
         ("udl_inner_lr", udl_inner_lr),
         ("udl_outer_lr", udl_outer_lr),
     ):
@@ -419,6 +475,8 @@ def build(
         backbone,
         num_classes,
         udl=udl,
+        udl_alpha=udl_alpha,
+        udl_alpha_scale=float(udl_alpha_scale),
         udl_inner_lr=float(udl_inner_lr),
         udl_outer_lr=float(udl_outer_lr),
         neurons=neurons,
@@ -427,5 +485,6 @@ def build(
         synapse=synapse,
         impulse=impulse,
         tau=float(tau),
+        gate_init=gate_init,
         dropout=float(dropout),
     )

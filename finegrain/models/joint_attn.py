@@ -29,8 +29,16 @@ Decisions METHODS.md leaves open (all options of :func:`build` unless noted):
 - Attention regularization scale: per level, λ · (K²/11²) · mean_t Σ_i (x̄_{t,i} − att_{t,i})²,
   averaged over the batch. Both x̄ and att sum to 1 over the K² locations, so Σ_i (·)² shrinks
   like 1/K² for the same relative mismatch; the factor K²/11² removes that dependence and equals
-  1 at the paper's 11×11 grid, where λ = 1000 is the paper's value (per time step: mean over t
-  instead of the paper's sum, so the scale does not depend on T either).
+  1 at the paper's 11×11 grid (per time step: mean over t instead of the paper's sum, so the
+  scale does not depend on T either).
+- Attention regularization on a trained backbone (METHODS.md revised): the paper's λ = 1000
+  trains a 3D-convnet on *fixed*, pretrained VGG features; here the backbone trains too, so the
+  term's gradient must not reach it. With ``reg_detach`` (default) the term is computed by the
+  levels' branches on the backbone features detached (a second, gradient-only pass of the
+  branches with their BatchNorm statistics untouched): it trains the 3D-convnets, never the
+  backbone. λ is calibrated so that at initialisation the term's gradient on the parameters it
+  shares with the cross-entropy (the branches) is at most 0.1× the cross-entropy's, and warmed
+  up linearly from 0 over ``lam_warmup_epochs``. See ``CALIBRATED_LAM``.
 - LSTM loss: ``lstm_loss="every_step"`` is the cross-entropy of every step's prediction,
   averaged over steps (Sharma et al.); ``"prediction"`` is the cross-entropy of the averaged
   prediction (``logits``). Deep supervision adds ``ds_weight`` · CE per level.
@@ -49,6 +57,15 @@ from finegrain.models.backbones import Backbone
 from finegrain.models.base import FineGrainModel, ModelOutput
 
 PAPER_GRID = 11  # the paper's 11×11 feature maps: the grid at which λ has the paper's meaning
+# λ by the gradient-ratio rule (METHODS.md): at initialisation, on 48-px 8-frame clips of the
+# synthetic benchmark through the project's pretrained tiny backbone (width 16), with the default
+# head (2 levels, 7×7 grid, 256 channels, 2 LSTM layers) and reg_detach, the regularizer's
+# gradient norm on the parameters it shares with the cross-entropy (the levels' branches) was
+# 0.0046× the cross-entropy's for λ = 1 (median of 8 batches of 16 clips, range 0.0038–0.0055;
+# the paper's λ = 1000 gives 4.6×). λ = 0.1 / 0.0055 = 18 keeps every batch ≤ 0.1; rounded down:
+# 15, a median ratio of 0.068 (max 0.083). tests/test_joint_attn.py re-measures it at the default.
+CALIBRATED_LAM = 15.0
+PREDICTS = ("softmax", "votes")
 FUSIONS = ("early", "late")
 CONVNETS = ("3d", "2d", "none")
 INIT_STATES = ("mean", "zeros")
@@ -183,6 +200,9 @@ class JointAttn(FineGrainModel):
         init_state: str,
         lstm_loss: str,
         dropout: float,
+        reg_detach: bool = True,
+        lam_warmup_epochs: float = 1.0,
+        predict: str = "softmax",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -190,6 +210,11 @@ class JointAttn(FineGrainModel):
         self.grid = grid
         self.predict_steps = predict_steps
         self.lam = lam if attention_reg else 0.0
+        self.reg_detach, self.lam_warmup_epochs, self.predict = (
+            reg_detach,
+            lam_warmup_epochs,
+            predict,
+        )
         self.ds_weight = ds_weight if deep_supervision else 0.0
         self.pyramid = pyramid
         self.init_state = init_state
@@ -215,8 +240,8 @@ class JointAttn(FineGrainModel):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_classes)  # W_prob
 
-    def features(self, clips: Tensor) -> list[Tensor]:
-        """The levels' 3d-convnet outputs, each (B, channels, T, K, K)."""
+    def levels_in(self, clips: Tensor) -> list[Tensor]:
+        """The tapped backbone stages, resized to the common (T, K, K)."""
         x = self.backbone.stem(clips)
         taps = {}
         for s, stage in enumerate(self.backbone.stages):
@@ -225,9 +250,19 @@ class JointAttn(FineGrainModel):
         t = max(taps[s].shape[2] for s in self.levels)
         size = (t, self.grid, self.grid)
         return [
-            branch(F.interpolate(taps[s], size=size, mode="trilinear", align_corners=False))
-            for s, branch in zip(self.levels, self.branches)
+            F.interpolate(taps[s], size=size, mode="trilinear", align_corners=False)
+            for s in self.levels
         ]
+
+    def features(self, clips: Tensor) -> list[Tensor]:
+        """The levels' 3d-convnet outputs, each (B, channels, T, K, K)."""
+        return [branch(x) for branch, x in zip(self.branches, self.levels_in(clips))]
+
+    def lam_now(self) -> float:
+        """λ warmed up linearly from 0 over the first ``lam_warmup_epochs`` of training."""
+        if not self.lam_warmup_epochs:
+            return self.lam
+        return self.lam * min(1.0, self.progress / self.lam_warmup_epochs)
 
     def _initial_state(self, feats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         layers = 1 + len(self.stack)
@@ -240,7 +275,8 @@ class JointAttn(FineGrainModel):
         return [(hc[:, j, 0], hc[:, j, 1]) for j in range(layers)]
 
     def forward(self, clips: Tensor) -> ModelOutput:
-        feats = self.features(clips)
+        inputs = self.levels_in(clips)
+        feats = [branch(x) for branch, x in zip(self.branches, inputs)]
         b, _, steps, k, _ = feats[0].shape
         state = self._initial_state(feats)
         step_logits, attention = [], []
@@ -258,15 +294,26 @@ class JointAttn(FineGrainModel):
         step_logits = torch.stack(step_logits, dim=1)  # (B, T, K)
         attention = torch.stack(attention, dim=1)  # (B, T, K, K)
 
-        # §3.5: average the softmax of the last L2 steps; logits = log of that average.
+        # §3.5: average the softmax (or the one-hot decisions: "votes") of the last L2 steps;
+        # logits = log of that average
         last = step_logits[:, -min(self.predict_steps or steps, steps) :]
-        logits = torch.logsumexp(last.log_softmax(dim=2), dim=1) - math.log(last.shape[1])
+        if self.predict == "votes":
+            votes = F.one_hot(last.argmax(dim=2), last.shape[2]).float().mean(dim=1)
+            logits = torch.log(votes.clamp_min(1e-6))
+        else:
+            logits = torch.logsumexp(last.log_softmax(dim=2), dim=1) - math.log(last.shape[1])
 
         aux = {}
-        if self.lam:
+        lam = self.lam_now() if self.training else self.lam
+        if lam and self.training:
             att = attention.detach()
-            for j, f in enumerate(feats):
-                aux[f"attention_reg_{j}"] = self.lam * attention_regularization(f, att)
+            reg_feats = feats
+            if self.reg_detach:  # the term trains the branches, never the backbone
+                reg_feats = [
+                    self._stateless(branch, x.detach()) for branch, x in zip(self.branches, inputs)
+                ]
+            for j, f in enumerate(reg_feats):
+                aux[f"attention_reg_{j}"] = lam * attention_regularization(f, att)
         extras = {"step_logits": step_logits}
         if self.ds_heads is not None:
             for j, (head, f) in enumerate(zip(self.ds_heads, feats)):
@@ -277,6 +324,13 @@ class JointAttn(FineGrainModel):
             diagnostics={"attention": attention.detach()},
             extras=extras,
         )
+
+    @staticmethod
+    def _stateless(module: nn.Module, x: Tensor) -> Tensor:
+        """``module(x)`` without moving BatchNorm's running statistics (a copy of the buffers)."""
+        state = {n: p for n, p in module.named_parameters()}
+        state.update({n: b.clone() for n, b in module.named_buffers()})
+        return torch.func.functional_call(module, state, (x,))
 
     def loss(self, output: ModelOutput, labels: Tensor) -> Tensor:
         if self.lstm_loss == "every_step":
@@ -324,10 +378,13 @@ def build(
     convnet: str = "3d",
     fusion: str = "late",
     hidden: int = 256,
-    lstm_layers: int = 3,
+    lstm_layers: int = 2,
     predict_steps: int = 0,
+    predict: str = "softmax",
     attention_reg: bool = True,
-    lam: float = 1000.0,
+    lam: float = CALIBRATED_LAM,
+    reg_detach: bool = True,
+    lam_warmup_epochs: float = 1.0,
     deep_supervision: bool = True,
     ds_weight: float = 1.0,
     pyramid: bool = True,
@@ -348,8 +405,14 @@ def build(
         small next to ResNet-18-sized backbones and CPU-trainable).
     predict_steps: average the softmax of the last ``predict_steps`` steps (paper L2 = 16 of
         L1 = 30); 0 = all steps; more than the feature map has = all steps.
+    predict: "softmax" (average the steps' softmax) or "votes" (average their decisions, as the
+        paper's §3.5 counts them).
     attention_reg, lam: the attention regularization and its weight λ (see module docstring for
-        the grid normalisation); ``attention_reg=False`` and ``lam=0`` both drop the term.
+        the grid normalisation); ``attention_reg=False`` and ``lam=0`` both drop the term. The
+        default λ is calibrated (``CALIBRATED_LAM``); the paper's is 1000.
+    reg_detach: the term on backbone features detached (revised; False: the old decision, its
+        gradient flows into the backbone). lam_warmup_epochs: λ rises linearly from 0 over this
+        many epochs (0: from the start).
     deep_supervision, ds_weight: the per-level GAP → FC → FC → CE loss and its weight.
     pyramid: full + 4 quadrants (§3.4) or the full attention-pooled vector only.
     init_state: "mean" (Sharma et al.) or "zeros". lstm_loss: "every_step" or "prediction".
@@ -374,6 +437,11 @@ def build(
     _choice("fusion", fusion, FUSIONS)
     _choice("init_state", init_state, INIT_STATES)
     _choice("lstm_loss", lstm_loss, LSTM_LOSSES)
+    _choice("predict", predict, PREDICTS)
+    if not isinstance(reg_detach, bool):
+        raise ValueError(f"reg_detach must be True or False, got {reg_detach!r}")
+    if not lam_warmup_epochs >= 0:
+        raise ValueError(f"lam_warmup_epochs must be >= 0, got {lam_warmup_epochs}")
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if not ds_weight >= 0:
@@ -400,4 +468,7 @@ def build(
         init_state=init_state,
         lstm_loss=lstm_loss,
         dropout=dropout,
+        reg_detach=reg_detach,
+        lam_warmup_epochs=float(lam_warmup_epochs),
+        predict=predict,
     )

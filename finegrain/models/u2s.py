@@ -46,10 +46,12 @@ PREDICTIONS = ("universal", "bridge", "specific")
 CSM_MODES = ("binary", "soft")
 MASK_MODES = ("confusers", "own_class_only")
 CSN_INITS = ("initial", "universal")
-DEFAULT_CONFUSERS = 5  # paper Fig. 8: top-1 best at N = 5 (Stanford Cars / Dogs)
-# Epoch shares of the three stages (the paper trains stages 1 and 2 alike, decaying the lr
-# after 7 and 12 epochs, and gives no length for the joint stage).
-STAGE_SHARES = (0.4, 0.4, 0.2)
+DEFAULT_TOPN_TARGET = 0.9  # paper: 0.85 SSv2, 0.90 HMDB51 / Stanford Dogs, 0.95 UCF101 / Cars
+# Epoch shares of the three stages (revised, METHODS.md): the paper trains each stage until
+# validation saturates; a short stage 1 leaves an unconverged universal network whose CSM misses
+# the true confusers (a 2-epoch UN found the partner of 4 of 12 classes), so most epochs go to it.
+# The old shares were (0.4, 0.4, 0.2).
+STAGE_SHARES = (0.6, 0.2, 0.2)
 
 ORACLE_ERROR = (
     "U2S with oracle=True selects the masks with the ground-truth class: it is for evaluation "
@@ -109,6 +111,15 @@ def alpha_for_confusers(similarity: Tensor, confusers: float) -> float:
     return float(values[min(target, values.numel()) - 1])
 
 
+def topn_confusers(topn_accuracy: Tensor, target: float) -> int:
+    """The paper's rule for the number of confusing classes (§4.2): N is the smallest N whose
+    top-N accuracy reaches ``target``; the N predictions then hold the class and N − 1 others,
+    its confusers. ``topn_accuracy[n - 1]`` is the top-n accuracy (non-decreasing in n)."""
+    reached = (topn_accuracy >= target - 1e-9).nonzero().flatten()
+    n = int(reached[0]) + 1 if len(reached) else len(topn_accuracy)
+    return n - 1
+
+
 def category_regularization(weight: Tensor, csm: Tensor) -> Tensor:
     """w_reg (Eq. 5): mean of s(w_i, w_j) = (1 + cos(w_i, w_j)) / 2 over the pairs M_ij = 1.
 
@@ -141,7 +152,9 @@ class U2S(FineGrainModel):
         *,
         owned_stages: int,
         alpha: float | None,
-        confusers: float,
+        confusers: float | None,
+        confusers_topn_target: float,
+        stage_shares: tuple[float, float, float],
         csm: str,
         lam: float,
         fuse: tuple[str, ...],
@@ -158,6 +171,7 @@ class U2S(FineGrainModel):
         self.num_classes = num_classes
         self.split = len(backbone.stages) - owned_stages  # stages [split:] are owned
         self.alpha, self.confusers, self.csm_mode, self.lam = alpha, confusers, csm, lam
+        self.topn_target, self.stage_shares = confusers_topn_target, stage_shares
         self.fuse, self.category_reg, self.mask = fuse, category_reg, mask
         self.oracle, self.csn_init, self.freeze_bn = oracle, csn_init, freeze_bn
         self.joint_lr_scale = joint_lr_scale
@@ -178,6 +192,7 @@ class U2S(FineGrainModel):
         self.register_buffer("csm_similarity", torch.zeros(num_classes, num_classes))  # S
         self.register_buffer("csm", torch.zeros(num_classes, num_classes))  # C (binary)
         self.register_buffer("csm_alpha", torch.tensor(float("nan")))
+        self.register_buffer("csm_topn", torch.zeros(num_classes))  # UN's top-n accuracy
         self.register_buffer("specific_enabled", torch.tensor(False))
         if oracle:
             self.eval()
@@ -253,17 +268,18 @@ class U2S(FineGrainModel):
 
     # --- category similarity matrix --------------------------------------------------------
     @torch.no_grad()
-    def accumulate_sparsity(self, batches: Iterable[Batch]) -> tuple[Tensor, Tensor]:
-        """Per-class sums of Ξ over ``batches`` ``(K, C)`` and sample counts ``(K,)`` (float64).
+    def accumulate_sparsity(self, batches: Iterable[Batch]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-class sums of Ξ over ``batches`` ``(K, C)``, sample counts ``(K,)`` and, per n,
+        how many samples the UN has in its top n ``(K,)`` (all float64).
 
         Runs the UN in eval mode without gradients (the mode is restored). Clips must be what
         ``forward`` takes; they are moved to the model's device.
         """
         device = self.csm.device
-        sums = torch.zeros(
-            self.num_classes, self.backbone.out_channels, dtype=torch.float64, device=device
-        )
-        counts = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+        k = self.num_classes
+        sums = torch.zeros(k, self.backbone.out_channels, dtype=torch.float64, device=device)
+        counts = torch.zeros(k, dtype=torch.float64, device=device)
+        topn = torch.zeros(k, dtype=torch.float64, device=device)
         was_training = self.training
         self.eval()
         try:
@@ -271,16 +287,20 @@ class U2S(FineGrainModel):
                 _, u = self._universal_features(clips.to(device))
                 labels = labels.to(device)
                 sums.index_add_(0, labels, channel_sparsity(u).double())
-                counts += torch.bincount(labels, minlength=self.num_classes).double()
+                counts += torch.bincount(labels, minlength=k).double()
+                scores = self.universal_head(u)  # rank of the true class among the K
+                rank = (scores > scores.gather(1, labels[:, None])).sum(dim=1)
+                topn += (rank[:, None] < torch.arange(1, k + 1, device=device)).sum(0).double()
         finally:
             self.train(was_training)
-        return sums, counts
+        return sums, counts, topn
 
     @torch.no_grad()
-    def install_csm(self, sums: Tensor, counts: Tensor) -> Tensor:
-        """Ξ_m = sums / counts → S → α (given, or from ``confusers``) → C; returns C.
+    def install_csm(self, sums: Tensor, counts: Tensor, topn: Tensor | None = None) -> Tensor:
+        """Ξ_m = sums / counts → S → α (given; else from ``confusers``, or by the top-N rule
+        on ``topn``, the UN's top-n hit counts) → C; returns C.
 
-        Call with sums and counts already reduced over all ranks.
+        Call with sums, counts and topn already reduced over all ranks.
         """
         device = self.csm.device
         sums, counts = sums.to(device, torch.float64), counts.to(device, torch.float64)
@@ -295,11 +315,14 @@ class U2S(FineGrainModel):
             )
         xi = sums / counts.clamp(min=1.0).unsqueeze(1)
         similarity = similarity_from_sparsity(xi)
-        alpha = (
-            self.alpha
-            if self.alpha is not None
-            else alpha_for_confusers(similarity, self.confusers)
-        )
+        confusers = self.confusers
+        if topn is not None:
+            self.csm_topn.copy_(topn.to(device, torch.float64) / counts.sum())
+        if confusers is None and self.alpha is None:  # "auto": the paper's top-N rule
+            if topn is None:
+                raise ValueError("U2S confusers='auto' needs the UN's top-n accuracies")
+            confusers = topn_confusers(self.csm_topn, self.topn_target)
+        alpha = self.alpha if self.alpha is not None else alpha_for_confusers(similarity, confusers)
         csm = binary_csm(similarity, alpha)
         seen = counts > 0  # a class never seen has no evidence: it confuses no other class
         csm *= (seen.unsqueeze(0) & seen.unsqueeze(1)).to(csm.dtype)
@@ -316,9 +339,9 @@ class U2S(FineGrainModel):
         ``reduce`` all-reduces a list of tensors in place (sum or mean); by default
         ``torch.distributed.all_reduce`` when a process group is initialised, else nothing.
         """
-        sums, counts = self.accumulate_sparsity(batches)
-        (reduce or _all_reduce)([sums, counts])
-        return self.install_csm(sums, counts)
+        sums, counts, topn = self.accumulate_sparsity(batches)
+        (reduce or _all_reduce)([sums, counts, topn])
+        return self.install_csm(sums, counts, topn)
 
     def csm_diagnostics(self) -> dict[str, Tensor]:
         """S (for a heatmap), C, α and the mean number of confusers per class."""
@@ -327,7 +350,16 @@ class U2S(FineGrainModel):
             "csm": self.csm.detach().cpu(),
             "alpha": self.csm_alpha.detach().cpu(),
             "mean_confusers": mean_confusers(self.csm).detach().cpu(),
+            "topn_accuracy": self.csm_topn.detach().cpu(),
         }
+
+    def pretrained_prefixes(self) -> tuple[str, ...]:
+        """The CSN's stages start as a copy of the (pretrained) backbone's: both at its rate."""
+        return ("backbone.", "specific_stages.")
+
+    def branch_logits(self, output: ModelOutput) -> dict[str, Tensor]:
+        """Each prediction the fusion averages, evaluated on its own (paper Table I)."""
+        return dict(output.extras)
 
     # --- training hook ---------------------------------------------------------------------
     def train(self, mode: bool = True) -> U2S:
@@ -347,7 +379,7 @@ class U2S(FineGrainModel):
             raise RuntimeError(ORACLE_ERROR)
         universal = ("backbone.", "universal_head.")
         specific = ("specific_stages.", "specific_head.", "mask_network.")
-        e1, e2, e3 = STAGE_SHARES
+        e1, e2, e3 = self.stage_shares
         return [
             TrainingStage("universal", epochs=e1, frozen=specific),
             TrainingStage("specific", epochs=e2, frozen=universal),
@@ -414,7 +446,9 @@ def build(
     *,
     owned_stages: int = 2,
     alpha: float | None = None,
-    confusers: float | None = None,
+    confusers: float | str | None = "auto",
+    confusers_topn_target: float = DEFAULT_TOPN_TARGET,
+    stage_shares: Sequence[float] = STAGE_SHARES,
     csm: str = "binary",
     lam: float = 0.5,
     fuse: str | Sequence[str] | None = None,
@@ -431,9 +465,14 @@ def build(
 
     owned_stages: how many of the last backbone stages the UN and the CSN each own (the rest and
         the stem are shared; paper: the 3D part is owned).
-    alpha: CSM threshold in [0, 1]; exclusive with ``confusers``.
+    alpha: CSM threshold in [0, 1]; given, it replaces ``confusers``.
     confusers: choose α so that the mean number of confusing classes per class is this (in
-        [0, K − 1]); default when neither is given: min(5, K − 1).
+        [0, K − 1]); "auto" (default, revised): the paper's rule, N − 1 with N the smallest N
+        whose top-N accuracy of the trained UN on the training batches reaches
+        ``confusers_topn_target``. (The old fixed 5 came from 120–196-class datasets.)
+    stage_shares: the epoch shares of the three stages (revised default 0.6 / 0.2 / 0.2; the old
+        0.4 / 0.4 / 0.2); ``optim.stage_epochs`` overrides them. Warm-up happens in stage 1 only
+        and every stage anneals on its own schedule (the trainer's rule for staged methods).
     csm: "binary" (C) or "soft" (S weights the masks; paper Table III c). Category
         regularization always uses the binary C.
     lam: λ of the category regularization (Eq. 3). category_reg=False drops the term.
@@ -453,15 +492,18 @@ def build(
     n_stages = len(backbone.stages)
     if not isinstance(owned_stages, int) or not 1 <= owned_stages <= n_stages:
         raise ValueError(f"owned_stages must be an int in [1, {n_stages}], got {owned_stages!r}")
-    if alpha is not None and confusers is not None:
-        raise ValueError("give either alpha or confusers, not both")
     number = (int, float)
     if alpha is not None and not (isinstance(alpha, number) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if confusers is not None and not (isinstance(confusers, number) and 0 <= confusers <= k - 1):
-        raise ValueError(f"confusers must be in [0, {k - 1}] (K − 1), got {confusers}")
-    if confusers is None:
-        confusers = min(DEFAULT_CONFUSERS, k - 1)
+    if confusers is None or confusers == "auto":
+        confusers = None
+    elif not (isinstance(confusers, number) and 0 <= confusers <= k - 1):
+        raise ValueError(f"confusers must be 'auto' or in [0, {k - 1}] (K − 1), got {confusers}")
+    if not (isinstance(confusers_topn_target, number) and 0 < confusers_topn_target <= 1):
+        raise ValueError(f"confusers_topn_target must be in (0, 1], got {confusers_topn_target}")
+    shares = tuple(stage_shares)
+    if len(shares) != 3 or any(not (isinstance(x, number) and x > 0) for x in shares):
+        raise ValueError(f"stage_shares must be three numbers > 0, got {stage_shares!r}")
     if not (isinstance(lam, number) and lam >= 0.0):
         raise ValueError(f"lam must be >= 0, got {lam}")
     mask_network = _flag("mask_network", mask_network)
@@ -477,7 +519,9 @@ def build(
         num_classes,
         owned_stages=owned_stages,
         alpha=alpha,
-        confusers=float(confusers),
+        confusers=None if confusers is None else float(confusers),
+        confusers_topn_target=float(confusers_topn_target),
+        stage_shares=tuple(float(x) for x in shares),
         csm=_choice("csm", csm, CSM_MODES),
         lam=float(lam),
         fuse=_parse_fuse(fuse, mask_network),

@@ -112,6 +112,15 @@ SUITES: dict[str, Suite] = {
                 _v("n15", {"model.neurons": 15}, "N = 15", "6"),
                 _v("l1", {"model.layers": 1}, "L = 1", "7"),
                 _v("l5", {"model.layers": 5}, "L = 5", "7"),
+                # the decisions METHODS.md revised, each back to its old value
+                _v("impulse_sum", {"model.impulse": "sum"}, "raw impulse sum (Eq. 2)", "rev."),
+                _v("gates_small", {"model.gate_init": "small"}, "gate logits 0.01·randn", "rev."),
+                _v(
+                    "udl_fixed",
+                    {"model.udl_alpha": "fixed"},
+                    "UDL with α = 0.01 and a separate SGD for u",
+                    "rev.",
+                ),
             ),
         ),
         Suite(
@@ -137,6 +146,13 @@ SUITES: dict[str, Suite] = {
                 _v("soft_csm", {"model.csm": "soft"}, "c) U2S (soft CSM)", "III"),
                 _v("no_mask_network", {"model.mask_network": False}, "d) U2S − MN", "III"),
                 _v("oracle", {"model.oracle": True}, "f) U2S (oracle)", "III", evaluates="full"),
+                _v(
+                    "old_schedule",
+                    {"model.stage_shares": [0.4, 0.4, 0.2], "optim.warmup_every_stage": True},
+                    "stages 0.4/0.4/0.2, warm-up in every stage",
+                    "rev.",
+                ),
+                _v("confusers_5", {"model.confusers": 5}, "5 confusers per class", "rev."),
             ),
         ),
         Suite(
@@ -158,6 +174,8 @@ SUITES: dict[str, Suite] = {
                 _v("full", {}, "ClassReg, γ = 0.1, 0.2, 0.3, 0.4 (grows with depth)", "—"),
                 _v("gamma_0.1", {"model.gamma": 0.1}, "ClassReg, γ = 0.1 at every stage", "—"),
                 _v("gamma_0.4", {"model.gamma": 0.4}, "ClassReg, γ = 0.4 at every stage", "—"),
+                _v("no_warmup", {"model.gamma_warmup_epochs": 0}, "γ without warm-up", "rev."),
+                _v("all_stages", {"model.min_channels": 0}, "blocks on every stage", "rev."),
             ),
         ),
         Suite(
@@ -165,7 +183,7 @@ SUITES: dict[str, Suite] = {
             "joint_attn",
             "JointAttn Table 4 (early vs late fusion) and the attention regularization",
             (
-                _v("full", {}, "late fusion, w/ attention reg. (λ = 1000)", "4"),
+                _v("full", {}, "late fusion, w/ attention reg. (λ calibrated: 20)", "4"),
                 _v("early", {"model.fusion": "early"}, "early fusion", "4"),
                 _v(
                     "no_attention_reg",
@@ -173,6 +191,13 @@ SUITES: dict[str, Suite] = {
                     "late fusion, w/o attention reg.",
                     "—",
                 ),
+                _v(
+                    "paper_lam",
+                    {"model.lam": 1000.0, "model.reg_detach": False, "model.lam_warmup_epochs": 0},
+                    "the paper's λ = 1000 into the backbone, no warm-up",
+                    "rev.",
+                ),
+                _v("votes", {"model.predict": "votes"}, "prediction by votes (§3.5)", "—"),
             ),
         ),
         Suite(

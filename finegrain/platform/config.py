@@ -34,10 +34,26 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
+    # finegrained: the benchmark; pretrain: its complement, coarse shapes x motions (16
+    # classes, disjoint from the benchmark's), the pretraining set of the project's backbone
+    kind: Literal["finegrained", "pretrain"] = "finegrained"
     classes: int = Field(12, ge=2, le=22)
     videos_per_class: int = Field(24, ge=2, le=10_000)
+    # None: a quarter of videos_per_class are validation videos; a number: that many validation
+    # videos per class on top of videos_per_class training ones
+    val_videos_per_class: int | None = Field(None, ge=1, le=10_000)
     size: int = Field(64, ge=32, le=512, multiple_of=2)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _classes_of_kind(self):
+        most = {"finegrained": 22, "pretrain": 16}[self.kind]
+        if self.classes > most:
+            raise ValueError(
+                f"data.synthetic.classes: the {self.kind} set has {most} classes, got "
+                f"{self.classes}"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -80,7 +96,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: Literal[tuple(METHODS)] = "onepass"  # type: ignore[valid-type]
     backbone: Literal[tuple(BACKBONES)] = "tiny"  # type: ignore[valid-type]
-    weights: str | None = None  # a local state-dict file for the backbone
+    # a local state-dict file for the backbone (a relative path: from the working directory,
+    # else from the project root, where the project's own pretrained weights live)
+    weights: str | None = None
     keep_time: bool = False  # ResNet family: no temporal stride in the last two stages
     width: int | None = Field(None, ge=2, le=256)  # tiny backbone: width of its first stage
 
@@ -107,10 +125,20 @@ class ModelConfig(BaseModel):
         if self.keep_time:
             opts["keep_time"] = True
         if self.weights:
-            opts["weights"] = self.weights
+            opts["weights"] = str(weights_path(self.weights))
         if self.width is not None:
             opts["width"] = self.width
         return opts
+
+
+def weights_path(path: str) -> Path:
+    """``path`` made absolute: as given when it exists (or is absolute), else relative to the
+    project root (so a config's ``weights/...`` works from any working directory, and on Ray
+    workers whose working directory is not the driver's)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given.absolute()
+    return CONFIG_DIR.parents[1] / given
 
 
 def _check_type(field: str, value: Any, default: Any) -> None:
@@ -136,15 +164,23 @@ class OptimConfig(_Section):
     step_size: int = Field(10, ge=1)  # epochs between x0.1 decays for schedule=step
     grad_clip: float | None = Field(5.0, gt=0)
     stage_epochs: list[int] | None = None  # epochs per training stage (U2S: 3 numbers)
+    # the backbone's learning rate as a multiple of optim.lr, the same for every method (0.1 is
+    # the Video Swin / DSTS recipe for a pretrained backbone; METHODS.md: 1.0 by default)
+    backbone_lr_scale: float = Field(1.0, gt=0, le=10)
+    # warm-up at the start of every training stage (U2S) instead of only the first one
+    warmup_every_stage: bool = False
 
 
 class EvalConfig(_Section):
     clips: int = Field(1, ge=1, le=32)  # temporal views per video
     crops: Literal[1, 3] = 1  # spatial views per clip
     batch_size: int = Field(32, ge=1, le=4096)
-    # the validation views are decoded once and kept in Ray's object store when they fit in
+    # the validation views are decoded once and kept by each worker when its share fits in
     # this many MiB (0: decode them at every evaluation)
     cache_mb: int = Field(1024, ge=0, le=1 << 22)
+    # precise BN: before every evaluation, recompute every BatchNorm's running statistics on
+    # this many training batches (a uniform sample of the epoch's; 0: off)
+    precise_bn_batches: int = Field(16, ge=0, le=10_000)
 
 
 class ScalingConfig(_Section):

@@ -114,6 +114,12 @@ class DataSpec:
             stream=stream,
         )
 
+    def train_rows(self) -> int:
+        """Training videos in the shards."""
+        from finegrain.datasets.pipeline import split_rows
+
+        return sum(split_rows(self.shards, "train").values())
+
     def val_views(self, cfg: ExperimentConfig) -> tuple[int, int]:
         """(validation videos, views per video)."""
         from finegrain.datasets.pipeline import split_rows
@@ -142,7 +148,9 @@ def _configure_data_context() -> None:
 
 def synthetic_dirs(cfg: ExperimentConfig) -> tuple[Path, Path]:
     s = cfg.data.synthetic
-    tag = f"synthetic-c{s.classes}-v{s.videos_per_class}-s{s.size}-seed{s.seed}"
+    kind = "" if s.kind == "finegrained" else f"{s.kind}-"
+    val = "" if s.val_videos_per_class is None else f"+{s.val_videos_per_class}"
+    tag = f"synthetic-{kind}c{s.classes}-v{s.videos_per_class}{val}-s{s.size}-seed{s.seed}"
     base = run_root(cfg.run.dir) / "data"
     return base / tag / "raw", base / tag / "shards"
 
@@ -165,6 +173,8 @@ def prepare_data(cfg: ExperimentConfig, quiet: bool = False) -> DataSpec:
             size=s.size,
             seed=s.seed,
             progress=not quiet,
+            kind=s.kind,
+            val_videos_per_class=s.val_videos_per_class,
         )
         if not (out / "report.json").exists():
             prepare("ssv2", raw, out, extensions=("mp4",), shard_mb=4, progress=not quiet)

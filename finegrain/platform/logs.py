@@ -56,8 +56,6 @@ def quiet_worker_logs() -> None:
     )
     if not any(isinstance(f, _StoppedTrialCleanup) for f in cleaner.filters):
         cleaner.addFilter(_StoppedTrialCleanup())
-    # MLflow: INFO lines such as "Creating initial MLflow database tables".
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Says at every ray.init that token authentication is on: the secure default of Ray 2.60,
     # which we keep (the dashboard listens on 127.0.0.1 only), no fault.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(

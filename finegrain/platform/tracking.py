@@ -35,8 +35,11 @@ from urllib.parse import urlparse
 # the sweep, one per trial; the commands print the lasting `mlflow ui` command instead. Its
 # telemetry thread sets and unsets an environment variable while HTTP requests iterate
 # os.environ (requests' proxy lookup): a KeyError that fails an MLflow call.
+# MLflow's own INFO lines ("Creating initial MLflow database tables") signal no fault: its
+# documented switch keeps them off the console, set before mlflow is imported.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -49,7 +49,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
 from finegrain.models import build_model
-from finegrain.models.base import FineGrainModel, TrainingStage, trainable_parameters
+from finegrain.models.base import (
+    FineGrainModel,
+    MetaContext,
+    TrainingStage,
+    trainable_named_parameters,
+)
 from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ExperimentConfig
 from finegrain.platform.data import DataSpec, bad_video_note, prepare_data
@@ -271,18 +276,38 @@ def stage_plan(stages: list[TrainingStage], epochs: int, explicit: list[int] | N
     return plan.tolist()
 
 
-def make_optimizer(cfg: ExperimentConfig, params: list, lr_scale: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: ExperimentConfig,
+    params: list,
+    lr_scale: float,
+    pretrained: tuple[str, ...] = (),
+) -> torch.optim.Optimizer:
+    """The run's optimizer at ``optim.lr * lr_scale``. ``params``: parameters, or (name,
+    parameter) pairs, in which case those named under the ``pretrained`` prefixes form a group
+    of their own at ``optim.backbone_lr_scale`` times the rate (the first group is the rest)."""
     lr = cfg.optim.lr * lr_scale
+    if params and isinstance(params[0], tuple):
+        groups = [
+            {"params": [p for n, p in params if not n.startswith(pretrained)], "lr": lr},
+            {
+                "params": [p for n, p in params if pretrained and n.startswith(pretrained)],
+                "lr": lr * cfg.optim.backbone_lr_scale,
+            },
+        ]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": list(params), "lr": lr}]
     if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
     return torch.optim.SGD(
-        params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
     )
 
 
-def make_scheduler(cfg: ExperimentConfig, optimizer, epochs: int):
-    """Per-epoch LR factor: linear warm-up, then cosine / step / constant."""
-    warm, kind, step = cfg.optim.warmup_epochs, cfg.optim.schedule, cfg.optim.step_size
+def make_scheduler(cfg: ExperimentConfig, optimizer, epochs: int, warmup: bool = True):
+    """Per-epoch LR factor: linear warm-up (if ``warmup``), then cosine / step / constant."""
+    warm = cfg.optim.warmup_epochs if warmup else 0
+    kind, step = cfg.optim.schedule, cfg.optim.step_size
 
     def factor(epoch: int) -> float:
         if epoch < warm:
@@ -295,6 +320,37 @@ def make_scheduler(cfg: ExperimentConfig, optimizer, epochs: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def precise_bn(model: torch.nn.Module, batches, reduce) -> int:
+    """Recompute the running statistics of every BatchNorm in training mode (PySlowFast's
+    ``BN.USE_PRECISE_STATS``): reset them, forward ``batches`` in training mode with a
+    cumulative average (momentum None), then average them across the ranks. Layers a method
+    keeps in evaluation mode (frozen) keep theirs. Returns the batches used."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.track_running_stats
+    ]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    used = 0
+    try:
+        for clips, _ in batches:
+            model(clips)
+            used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    reduce([t for m in norms for t in (m.running_mean, m.running_var)])
+    return used
 
 
 def reduce_mean(tensors) -> None:
@@ -401,6 +457,10 @@ class _Loop:
         self.stream = None  # the training batches of every remaining epoch: made on first use
         self.stage_index = -1
         self.optimizer = self.scheduler = self.ddp = None
+        self.hook_optimizer = self.hook_scheduler = None
+        rows = self.spec.train_rows()
+        per_rank = -(-rows // self.world)  # the training sequence is padded: every rank alike
+        self.steps_per_epoch = max(1, -(-per_rank // self.cfg.optim.batch_size))
         self.start_epoch, self.best_top1, self.global_step = 0, -1.0, 0
 
     # --- stages --------------------------------------------------------------------------
@@ -413,11 +473,22 @@ class _Loop:
         return len(self.plan) - 1, self.plan[-1] - 1
 
     def enter_stage(self, index: int) -> None:
+        """Stage ``index``: the model's own set-up, then fresh optimizers (warm-up in the first
+        stage only, unless ``optim.warmup_every_stage``) and each stage its own schedule."""
         stage = self.stages[index]
         self.model.begin_stage(index, self.replayed_batches, reduce_mean)
-        params = trainable_parameters(self.model, stage)
-        self.optimizer = make_optimizer(self.cfg, params, stage.lr_scale)
-        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.plan[index])
+        params = trainable_named_parameters(self.model, stage)
+        warmup = index == 0 or self.cfg.optim.warmup_every_stage
+        pretrained = self.model.pretrained_prefixes()
+        self.optimizer = make_optimizer(self.cfg, params, stage.lr_scale, pretrained)
+        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.plan[index], warmup)
+        hook = self.model.hook_parameters()
+        self.hook_optimizer = make_optimizer(self.cfg, hook, stage.lr_scale) if hook else None
+        self.hook_scheduler = (
+            make_scheduler(self.cfg, self.hook_optimizer, self.plan[index], warmup)
+            if hook
+            else None
+        )
         kwargs = {"find_unused_parameters": True} if self.world > 1 else {}
         self.ddp = ray.train.torch.prepare_model(
             self.model, move_to_device=False, parallel_strategy_kwargs=kwargs
@@ -502,6 +573,8 @@ class _Loop:
             "best_top1": self.best_top1,
             "global_step": self.global_step,
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "hook_optimizer": self.hook_optimizer.state_dict() if self.hook_optimizer else None,
+            "hook_scheduler": self.hook_scheduler.state_dict() if self.hook_scheduler else None,
             "rng": self.rng_states(),  # every rank's: a resumed run draws what it would have
         }
 
@@ -546,6 +619,9 @@ class _Loop:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler and state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
+            if self.hook_optimizer and state.get("hook_optimizer"):
+                self.hook_optimizer.load_state_dict(state["hook_optimizer"])
+                self.hook_scheduler.load_state_dict(state["hook_scheduler"])
         if self.rank == 0:
             say(f"[{self.config['run_name']}] resumed at epoch {self.start_epoch + 1}")
 
@@ -578,7 +654,7 @@ class _Loop:
         self.model.train()
         self.replay.start(epoch)
         batches = self.epoch_batches(epoch)
-        losses, clips_seen, extra_stats = [], 0, {}
+        losses, clips_seen, extra_stats, step = [], 0, {}, 0
         start = time.perf_counter()
         while True:
             batch = next(batches, None)
@@ -587,18 +663,23 @@ class _Loop:
             if not all_ranks_have(ready, self.device):
                 break  # ranks take the same number of steps (the rest of the epoch is skipped)
             self.maybe_fail()
+            self.model.progress = epoch + step / self.steps_per_epoch
             self.replay.offer(batch["clips"], batch["labels"])
             clips, labels = self.model_input(batch)
-            if extras:
-                with self.autocast:
-                    stats = self.model.meta_step(
-                        (clips, labels), [self.model_input(e) for e in extras], reduce_mean
-                    )
-                for k, v in stats.items():
-                    extra_stats.setdefault(k, []).append(float(v))
+            meta = None
+            if extras:  # the model's meta step runs inside its forward (DSTS's UDL)
+                meta = MetaContext(
+                    labels=labels,
+                    extras=[self.model_input(e) for e in extras],
+                    reduce=reduce_mean,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    optimizer=self.hook_optimizer,
+                )
             with self.autocast:
-                output = self.ddp(clips)
+                output = self.ddp(clips, meta=meta) if meta else self.ddp(clips)
                 loss = self.model.loss(output, labels)
+            for k, v in (meta.stats if meta else {}).items():
+                extra_stats.setdefault(k, []).append(float(v))
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -616,6 +697,7 @@ class _Loop:
             losses.append(loss.item())
             clips_seen += len(labels) + sum(len(e["labels"]) for e in extras)
             self.global_step += 1
+            step += 1
             if (
                 self.rank == 0
                 and self.cfg.run.log_every
@@ -624,6 +706,8 @@ class _Loop:
                 say(f"  step {self.global_step} loss {loss.item():.4f}")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         self.scheduler.step()
+        if self.hook_scheduler:
+            self.hook_scheduler.step()
         elapsed = time.perf_counter() - start
         out = {
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -633,14 +717,32 @@ class _Loop:
         out.update({f"train_{k}": float(np.mean(v)) for k, v in extra_stats.items()})
         return out
 
+    def recalibrate_bn(self, epoch: int) -> int:
+        """Precise BN on ``eval.precise_bn_batches`` batches of the epoch's replay (a seeded
+        uniform draw: a run's batches, not the epoch's last ones, which may hold few classes)."""
+        k = self.cfg.eval.precise_bn_batches
+        if not k or not self.replay.batches:
+            return 0
+        pool = self.replay.batches
+        chosen = random.Random(f"{self.cfg.run.seed}/bn/{epoch}").sample(
+            range(len(pool)), min(k, len(pool))
+        )
+        self.model.train()
+        batches = ((self.to_model_input(pool[i][0].to(self.device)), pool[i][1]) for i in chosen)
+        with self.autocast:
+            return precise_bn(self.model, batches, reduce_mean)
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> tuple[dict, dict]:
         self.model.eval()
         logits, labels, ids, diagnostics, sample = [], [], [], None, None
+        branches: dict[str, list] = {}
         for clips, y, batch in self.val_batches(epoch):
             with self.autocast:  # U2S's oracle variant selects masks by the true class
                 output = self.model(clips, labels=y) if self.needs_labels else self.model(clips)
             logits.append(output.logits.float().cpu())
+            for name, z in self.model.branch_logits(output).items():
+                branches.setdefault(name, []).append(z.float().cpu())
             labels.append(y.cpu())
             ids.extend(batch["video_id"])
             if diagnostics is None:
@@ -650,10 +752,12 @@ class _Loop:
                     "labels": y[:4].cpu(),
                     "all_labels": y.cpu(),  # aligned with the batch's diagnostics
                 }
+        k = len(self.config["classes"])
         local = (
-            torch.cat(logits) if logits else torch.zeros(0, len(self.config["classes"])),
+            torch.cat(logits) if logits else torch.zeros(0, k),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
             ids,
+            {name: torch.cat(z) for name, z in branches.items()},
         )
         parts = [local]
         if dist.is_available() and dist.is_initialized() and self.world > 1:
@@ -664,6 +768,12 @@ class _Loop:
         all_ids = [i for p in parts for i in p[2]]
         self.check_complete(all_ids)
         probs, video_labels, _ = average_views(all_logits, all_labels, all_ids)
+        branch_top1 = {}
+        for name in parts[0][3]:  # each branch's prediction, views averaged like the main one
+            z = torch.cat([p[3][name] for p in parts])
+            branch_probs, _, _ = average_views(z, all_labels, all_ids)
+            hits = (branch_probs.argmax(1) == video_labels).float().mean().item()
+            branch_top1[f"branch_top1_{name}"] = hits
         result = classification_metrics(
             probs,
             video_labels,
@@ -672,6 +782,7 @@ class _Loop:
             self.config["class_groups"],
         )
         result["videos"] = len(video_labels)
+        result.update(branch_top1)
         return result, {"diagnostics": diagnostics, "sample": sample}
 
     def check_complete(self, ids: list[str]) -> None:
@@ -723,7 +834,15 @@ class _Loop:
             if index != self.stage_index:
                 self.enter_stage(index)
             train = self.train_epoch(epoch)
+            last = epoch + 1 == self.total_epochs
+            # the last epoch says what precise BN changed (when the views are kept: they are
+            # read twice)
+            measure = last and self.cfg.eval.precise_bn_batches and self.keep_val
+            plain = self.evaluate(epoch)[0] if measure else None
+            self.recalibrate_bn(epoch)
             val, extra = self.evaluate(epoch)
+            if plain is not None:
+                train["val_top1_without_precise_bn"] = plain["top1"]
             top1 = val["top1"]
             is_best = top1 > self.best_top1
             self.best_top1 = max(self.best_top1, top1)

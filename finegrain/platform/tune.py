@@ -64,13 +64,14 @@ DEFAULT_SPACES: dict[str, dict[str, dict]] = {
     "dsts": {
         "model.neurons": {"type": "int", "low": 2, "high": 16},
         "model.layers": {"type": "int", "low": 1, "high": 5},
-        "model.impulse": {"type": "choice", "values": ["sum", "mean"]},
         "model.tau": {"type": "loguniform", "low": 0.25, "high": 4.0},
         "model.udl": {"type": "choice", "values": [True, False]},
-        "model.udl_inner_lr": {
+        # the simulated step's size relative to the run's rate (1: the paper's one α); only
+        # sampled when UDL is on
+        "model.udl_alpha_scale": {
             "type": "loguniform",
-            "low": 1e-3,
-            "high": 0.1,
+            "low": 0.3,
+            "high": 3.0,
             "when": {"model.udl": True},
         },
         **LR_WD,
@@ -87,7 +88,7 @@ DEFAULT_SPACES: dict[str, dict[str, dict]] = {
         **LR_WD,
     },
     "joint_attn": {
-        "model.lam": {"type": "loguniform", "low": 10.0, "high": 3000.0},
+        "model.lam": {"type": "loguniform", "low": 2.0, "high": 200.0},  # around the calibrated 15
         "model.hidden": {"type": "choice", "values": [128, 256, 512]},
         "model.fusion": {"type": "choice", "values": ["early", "late"]},
         **LR_WD,
