@@ -748,9 +748,9 @@ def iter_clip_batches(
 
     for batch in batches():
         batch = collate(batch)
-        if device.type != "cpu":
+        if device.type != "cpu":  # page-locked, so that the copy overlaps the device's work
             for key in ("clips", "labels", "view"):
-                batch[key] = batch[key].to(device, non_blocking=True)
+                batch[key] = batch[key].pin_memory().to(device, non_blocking=True)
         yield batch
 
 
