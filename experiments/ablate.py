@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
     from finegrain.platform.cluster import ClusterTooSmall
     from finegrain.platform.logs import console_log
-    from finegrain.platform.tracking import run_root, ui_command
+    from finegrain.platform.tracking import run_root, ui_hint
 
     failed = []
     with console_log(run_root(plans[0][1].run.dir), f"ablate-{args.suite}"):
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             print("\n" + result.markdown)
             print(f"wrote {result.markdown_path} and {result.png_path}")
             print(
-                f"MLflow summary run {result.summary_run_id}; UI: {ui_command(result.tracking_uri)}"
+                f"MLflow summary run {result.summary_run_id}; UI: {ui_hint(result.tracking_uri, result.summary_run_id)}"
             )
             failed += result.failed
         if failed:

@@ -65,14 +65,14 @@ def main(argv=None) -> int:
 
 
 def report(result) -> None:
-    from finegrain.platform.tracking import ui_command
+    from finegrain.platform.tracking import ui_hint
 
     print(f"\nMLflow run id: {result.run_id}  (run name {result.run_name})")
     keys = ["val_top1", "val_top5", "val_mean_class_acc", "val_spatial_top1", "val_temporal_top1"]
     for k in keys + ["val_best_top1", "train_loss"]:
         if k in result.metrics:
             print(f"  {k:<22} {result.metrics[k]:.4f}")
-    print(f"Open the MLflow UI: {ui_command(result.tracking_uri)}")
+    print(f"Open the MLflow UI: {ui_hint(result.tracking_uri, result.run_id)}")
 
 
 if __name__ == "__main__":

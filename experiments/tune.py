@@ -103,7 +103,7 @@ def main(argv=None, method: str | None = None) -> int:
 
 
 def report(result) -> None:
-    from finegrain.platform.tracking import ui_command
+    from finegrain.platform.tracking import ui_hint
 
     print(f"\nsweep {result.name}: {len(result.table)} trials")
     print(result.table.head(10).to_string(index=False))
@@ -115,7 +115,7 @@ def report(result) -> None:
         line += f"   one-pass baseline: {100 * result.baseline_top1:.1f}%"
     print(line)
     print(
-        f"MLflow parent run {result.parent_run_id}; open the UI: {ui_command(result.tracking_uri)}"
+        f"MLflow parent run {result.parent_run_id}; open the UI: {ui_hint(result.tracking_uri, result.parent_run_id)}"
     )
 
 

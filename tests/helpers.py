@@ -1,5 +1,7 @@
 """Shared test settings: the tiny synthetic benchmark that end-to-end tests train on."""
 
+from __future__ import annotations
+
 import functools
 
 # 4 classes x 4 videos (3 training, 1 validation) at 32 px, 4 frames, one epoch of batch 4, a
@@ -45,3 +47,63 @@ def _synthetic_clips(per_class, classes, size, frames, seed, kind):
             clips.append(torch.from_numpy(video[tsn_indices(len(video), frames, train=False)[0]]))
             labels.append(c)
     return to_model_input(torch.stack(clips)), torch.tensor(labels)
+
+
+class MlflowUI:
+    """``mlflow ui`` exactly as the README starts it (on a free port of 127.0.0.1), in a
+    working directory of its own; ``files``/``read`` list and download through it as the
+    browser does."""
+
+    def __init__(self, db, cwd) -> None:
+        self.db, self.cwd = db, cwd
+
+    def __enter__(self) -> MlflowUI:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=2):
+                    return self
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("mlflow ui did not start") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def files(self, run_id: str, path: str = "") -> set[str]:
+        import json
+        import urllib.parse
+        import urllib.request
+
+        query = urllib.parse.urlencode({"run_id": run_id, "path": path})
+        url = f"{self.base}/ajax-api/2.0/mlflow/artifacts/list?{query}"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return {f["path"] for f in json.load(r).get("files", [])}
+
+    def read(self, run_id: str, path: str) -> bytes:
+        import urllib.parse
+        import urllib.request
+
+        query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+        with urllib.request.urlopen(f"{self.base}/get-artifact?{query}", timeout=30) as r:
+            return r.read()

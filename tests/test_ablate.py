@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import TINY_RUN
+from helpers import TINY_RUN, MlflowUI
 from mlflow.tracking import MlflowClient
 
 from finegrain.platform import ablate
@@ -36,6 +36,41 @@ def test_every_suite_builds_valid_configs(name):
         if v.evaluates:  # evaluation-only rows: the trained row's config + their own options
             ref = ablate.variant_config(base, suite, suite.variant(v.evaluates), seed=2)
             assert cfg.model.model_dump() == {**ref.model.model_dump(), **cfg.model.model_extra}
+
+
+def test_a_suite_row_names_the_runs_that_did_not_finish(tmp_path):
+    """A crashed run is a row that says "failed: <its error>", never a silent "— / n 0"."""
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ablate-dfb")
+
+    def run(variant: str, seed: int, status: str, **tags: str) -> None:
+        r = client.create_run(exp, tags={"suite": "dfb", "variant": variant, **tags})
+        client.log_param(r.info.run_id, "run.seed", seed)
+        client.set_terminated(r.info.run_id, status)
+
+    run("gb", 0, "FINISHED")
+    run("gb", 1, "FAILED", error="ActorDiedError: the actor died")
+    run("gb_df", 0, "KILLED", early_stopped="true")
+    unfinished = ablate._unfinished(uri, "ablate-dfb")
+    assert unfinished == {
+        "gb": ["seed 1 failed: ActorDiedError: the actor died"],
+        "gb_df": ["seed 0 stopped early"],
+    }
+    table = pd.DataFrame(
+        [
+            {"table": 1, "variant": v, "setting": "x", "top1_mean": m, "top1_std": float("nan"),
+             "n": n, "seeds": s, "runs": "", "failed": "; ".join(unfinished.get(v, []))}
+            for v, m, n, s in (("gb", 0.5, 1, "0"), ("gb_df", float("nan"), 0, ""))
+        ]
+    )  # fmt: skip
+    table.attrs["columns"] = ["top1"]
+    lines = [line for line in ablate.to_markdown(table).splitlines() if line.startswith("|")]
+    assert lines[0].endswith("| not finished |")
+    assert lines[2].endswith("| seed 1 failed: ActorDiedError: the actor died |")
+    assert "| — |" in lines[3] and lines[3].endswith("| seed 0 stopped early |")
 
 
 def test_unknown_suite_variant_and_bad_epochs_are_clear_errors(capsys):
@@ -103,6 +138,13 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
         folder = next((tmp_path / "mlartifacts").glob(f"*/{result.summary_run_id}/artifacts"))
         assert {"table.md", "table.png", "suite.yaml"} <= {p.name for p in folder.iterdir()}
         assert (folder / "table.md").read_text() == result.markdown_path.read_text()
+        # ...and the README's `mlflow ui` (started elsewhere) serves them, the children's too
+        (tmp_path / "elsewhere").mkdir()
+        with MlflowUI(tmp_path / "mlflow.db", tmp_path / "elsewhere") as ui:
+            assert {"table.md", "table.png", "suite.yaml"} <= ui.files(result.summary_run_id)
+            md = ui.read(result.summary_run_id, "table.md").decode()
+            assert md == result.markdown_path.read_text()
+            assert "config.yaml" in ui.files(seeds[0].info.run_id)
 
         # the evaluation path (U2S's oracle / fusion rows) reproduces a run's own val metrics
         cfg = ablate.variant_config(

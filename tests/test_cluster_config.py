@@ -103,8 +103,12 @@ def test_dashboard_and_mlflow_listen_on_loopback_only(raw):
     assert ray_start["head"] and ray_start["dashboard_host"] == "127.0.0.1"
     mlflow = server.make_context("server", _args_after(head, "mlflow", "server")).params
     assert mlflow["host"] == "127.0.0.1"
-    assert mlflow["backend_store_uri"] == f"sqlite:///{SHARED}/mlflow.db"
+    # the SQLite store on the head's local disk (never on NFS), the artifacts on the share
+    store = mlflow["backend_store_uri"]
+    assert store == "sqlite:////home/ubuntu/mlflow/mlflow.db" and SHARED not in store
     assert mlflow["artifacts_destination"].startswith(SHARED)
+    backup = " ".join(head)
+    assert ".backup /mnt/shared/mlflow-backup.db" in backup and "crontab" in backup
     assert "0.0.0.0" not in json.dumps(raw)  # nothing listens on every interface
 
 

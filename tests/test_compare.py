@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
+from matplotlib.container import BarContainer
+from matplotlib.text import Text
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from finegrain.platform.compare import CompareError, compare, metric_key, to_markdown, write_report
+from finegrain.platform.compare import (
+    CompareError,
+    bar_chart,
+    bar_figure,
+    compare,
+    metric_key,
+    to_markdown,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = "ablate-test"
@@ -195,3 +208,71 @@ def test_cli_unknown_experiment_exits_2(store, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "'nope' not found" in err and SUITE in err
+
+
+# --- the bar chart ---------------------------------------------------------------------------------
+def top1_frame(**attrs) -> pd.DataFrame:
+    """An ablation's ``top1`` frame as ``ablate.suite_table`` passes it (one run of ``one``)."""
+    df = pd.DataFrame(
+        {
+            "variant": ["full", "no_udl", "average_all synapse"],
+            "n": [3, 3, 1],
+            "best": [0.62, 0.55, 0.20],
+            "mean": [0.58, 0.50, 0.20],
+            "std": [0.03, 0.04, math.nan],
+            "seeds": ["0, 1, 2", "0, 1, 2", "0"],
+            "runs": ["a", "b", "c"],
+        }
+    )
+    df.attrs.update(metric="val_top1", experiments=["ablate-dsts"], **attrs)
+    return df
+
+
+@pytest.fixture
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_bar_chart_reads_as_a_publication_figure(close_figures):
+    fig = bar_figure(top1_frame(title="DSTS ablations"), chance=1 / 12)
+    ax = fig.axes[0]
+    assert fig.dpi >= 150
+    assert fig.get_suptitle().startswith("DSTS ablations: Validation top-1 accuracy")
+    assert ax.get_ylim() == (0, 100)
+    chance = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([100 / 12] * 2)
+    assert "chance 8.3 %" in [t.get_text() for t in ax.texts]
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_height() for b in bars] == pytest.approx([58, 50, 20])
+    segments = bars.errorbar.lines[2][0].get_segments()  # ± std; none for the single run
+    spans = [s[1][1] - s[0][1] for s in segments if len(s)]
+    assert spans == pytest.approx([6, 8]) and len(segments) == 3
+    assert {"58.0 %", "50.0 %", "20.0 %"} <= {t.get_text() for t in ax.texts}
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "full",
+        "no_udl",
+        "average_all\nsynapse",
+    ]
+    fig.canvas.draw()
+    small = [t.get_text() for t in fig.findobj(Text) if t.get_text() and t.get_fontsize() < 9]
+    assert not small
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["mean over seeds ± std", "best run", "chance"]
+
+
+def test_bar_chart_chance_and_title_from_attrs(tmp_path, close_figures):
+    fig = bar_figure(top1_frame(chance=0.25, suite="dsts"))
+    ax = fig.axes[0]
+    assert fig.get_suptitle().startswith("Ablation dsts: ")
+    assert "chance 25.0 %" in [t.get_text() for t in ax.texts]
+    plain = bar_figure(top1_frame())  # no chance known: no line; title from the experiment
+    assert not [ln for ln in plain.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert plain.get_suptitle() == "ablate-dsts: Validation top-1 accuracy per variant"
+    loss = top1_frame(chance=0.25)
+    loss.attrs["metric"] = "val_loss"  # not an accuracy: no chance line, no 0-100 % axis
+    ax = bar_figure(loss).axes[0]
+    assert not [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert ax.get_ylim() != (0, 100)
+    png = bar_chart(top1_frame(chance=0.25), tmp_path / "chart.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") >= 6 * 150  # pixels: saved at 150 dpi

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
 import torch
 from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 
 from finegrain.datasets.pipeline import to_model_input
 from finegrain.models import build_model
@@ -56,6 +58,34 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def texts(fig) -> list[Text]:
+    """Every visible, non-empty text of the drawn figure (ticks, titles, legends, captions)."""
+    fig.canvas.draw()
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def whole_words(label: str, names) -> bool:
+    """``label`` (wrapped, maybe with its index last) is one of ``names`` with every word whole."""
+    words = re.sub(r"\s*\(\d+\)$", "", label).split()
+    return any(words == n.split() for n in names)
+
+
+def assert_publication_quality(fig) -> None:
+    """Saved at >= 150 dpi, titled, no text under 9 pt, horizontal untruncated tick labels."""
+    assert fig.dpi >= 150
+    png = png_bytes(fig)
+    assert png.startswith(b"\x89PNG")
+    assert int.from_bytes(png[16:20], "big") >= fig.get_figwidth() * 150 - 1  # pixels wide
+    assert fig.get_suptitle()
+    small = [(t.get_text(), t.get_fontsize()) for t in texts(fig) if t.get_fontsize() < 9]
+    assert not small
+    for ax in fig.axes:
+        for lbl in ax.get_xticklabels() + ax.get_yticklabels():
+            assert "…" not in lbl.get_text()
+            if lbl.get_text():
+                assert lbl.get_rotation() == 0, lbl.get_text()
+
+
 def eval_diagnostics(method: str, clips: torch.Tensor) -> dict:
     torch.manual_seed(0)
     model = build_model(method, len(NAMES), "tiny")
@@ -74,8 +104,11 @@ def test_real_model_diagnostics_draw(method, sample):
     figs = figures.method_figures(method, diagnostics, sample, NAMES, GROUPS)
     assert set(figs) == EXPECTED[method]
     for fig in figs.values():
-        assert fig.get_suptitle() or fig.axes[0].get_title()  # titled
-        assert png_bytes(fig).startswith(b"\x89PNG")
+        assert_publication_quality(fig)
+        for t in texts(fig):  # class names in full: the row headings of the frame pictures
+            if t.get_text().startswith("clip "):
+                flat = " ".join(t.get_text().split())
+                assert any(n in flat for n in NAMES) or flat.endswith("?")
 
 
 @pytest.mark.parametrize("method", ["dfb", "joint_attn", "u2s"])
@@ -150,7 +183,29 @@ def test_dsts_selection_split_by_subtlety():
     legend = [t.get_text() for t in sel_fig.legends[0].get_texts()]
     assert legend == ["spatial-subtle classes (2 clips)", "temporal-subtle classes (2 clips)"]
     # mean temporal share of the neurons each group went through: spatial 0.2, temporal 0.7
-    assert figs["dsts_temporal_share"].axes[0].get_title() == "layer 0 (S 0.20 · T 0.70)"
+    ax = figs["dsts_temporal_share"].axes[0]
+    assert ax.get_title() == "layer 0"
+    assert [t.get_text() for t in ax.texts] == ["spatial-subtle 0.20", "temporal-subtle 0.70"]
+    means = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label().startswith("mean")}
+    assert [ln.get_ydata()[0] for ln in means.values()] == pytest.approx([0.2, 0.7])
+    assert len({ln.get_linestyle() for ln in means.values()}) == 2  # told apart when they meet
+    for fig in figs.values():
+        assert_publication_quality(fig)
+        assert "b = 1[g > 0]" not in fig.get_suptitle()  # notation lives in the caption
+
+
+def test_dsts_equal_means_stay_readable():
+    """Both groups through neurons of the same share: two styles, values above and below."""
+    diagnostics = dsts_diagnostics([1, 1, 1, 1])
+    labels = torch.tensor([2, 3, 0, 1])
+    sample = {"labels": labels, "all_labels": labels}
+    fig = figures.dsts_figures(diagnostics, sample, NAMES, GROUPS)["dsts_temporal_share"]
+    ax = fig.axes[0]
+    notes = {t.get_text(): t.get_va() for t in ax.texts}
+    assert notes == {"spatial-subtle 0.60": "bottom", "temporal-subtle 0.60": "top"}
+    styles = [ln.get_linestyle() for ln in ax.get_lines() if ln.get_label().startswith("mean")]
+    assert len(set(styles)) == 2
+    assert any("b = 1[g > 0]" in t.get_text() for t in fig.texts)  # caption
 
 
 def test_dsts_without_groups_or_labels_falls_back_to_counts():
@@ -190,7 +245,7 @@ def test_dfb_box_in_pixels_on_the_frames_of_its_time_cell(sample):
     }
     sample = {**sample, "labels": torch.tensor([0, 1, 2])}
     fig = figures.dfb_figures(diagnostics, sample, NAMES, GROUPS)["dfb_max_response"]
-    row = fig.axes[:4]  # clip 0
+    row = [ax for ax in fig.axes if ax.images][:4]  # clip 0
     assert [ax.get_title().split("\n")[0] for ax in row] == [
         "frames 0–1",
         "frames 2–3",
@@ -202,23 +257,79 @@ def test_dfb_box_in_pixels_on_the_frames_of_its_time_cell(sample):
     col, box = boxes[0]
     assert col == 1
     assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (23.5, 15.5, 8, 8)
+    assert box.get_edgecolor()[:3] == (1.0, 0.0, 1.0)  # magenta: not a colour of the content
+    assert box.get_path_effects()  # with a black outline stroke
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["true class", "strongest other class"]  # clip 1's strongest: class 0
+    assert_publication_quality(fig)
 
 
 def test_joint_attn_steps_spread_over_frames(sample):
     att = torch.softmax(torch.randn(3, 4, 5, 5).flatten(2), dim=2).view(3, 4, 5, 5)
     fig = figures.joint_attn_figures({"attention": att}, sample, NAMES, {})["joint_attn_attention"]
-    titles = [ax.get_title() for ax in fig.axes[:4]]
+    titles = [ax.get_title() for ax in fig.axes if ax.images][:4]
     assert titles == [f"step {t} · frame {2 * t}" for t in range(4)]
 
 
 # --- confusion matrix and per-class table ---------------------------------------------------------
+def outlines(ax) -> list[tuple[int, int]]:
+    """(row, column) of the outlined same-group cells."""
+    return sorted(
+        (round(p.get_y() + 0.5), round(p.get_x() + 0.5))
+        for p in ax.patches
+        if p.get_gid() == "same-group"
+    )
+
+
 def test_confusion_matrix_png():
     cm = np.array([[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [1, 0, 0, 4]])
     fig = figures.confusion_matrix(cm, NAMES)
     ax = fig.axes[0]
     assert sorted(t.get_text() for t in ax.texts) == sorted(["3", "1", "2", "1", "4"])
     assert len(ax.get_xticklabels()) == len(NAMES)
-    assert png_bytes(fig).startswith(b"\x89PNG")
+    assert all(whole_words(t.get_text(), NAMES) for t in ax.get_yticklabels())
+    assert not outlines(ax) and not fig.legends
+    assert_publication_quality(fig)
+
+
+def test_confusion_matrix_marks_same_group_pairs():
+    cm = np.eye(4, dtype=int) * 5
+    fig = figures.confusion_matrix(cm, NAMES, GROUPS)
+    ax = fig.axes[0]
+    same = [(i, j) for i, a in enumerate(NAMES) for j, b in enumerate(NAMES)]
+    same = [
+        (i, j) for i, j in same if i != j and GROUPS[NAMES[i]]["group"] == GROUPS[NAMES[j]]["group"]
+    ]
+    assert outlines(ax) == sorted(same) == [(0, 1), (1, 0), (2, 3), (3, 2)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["same fine-grained group"]
+    assert_publication_quality(fig)
+
+
+def test_large_confusion_matrix_stays_legible():
+    """Too many classes for counts: none printed, the caption says so; names wrapped, whole."""
+    words = "Pretending to put [something] next to [something] on a surface".split()
+    names = [" ".join(words[: 4 + i % 7]) + f" {i}" for i in range(40)]
+    groups = {n: {"group": f"g{i // 2}", "subtlety": "spatial"} for i, n in enumerate(names)}
+    cm = np.eye(40, dtype=int) * 7 + 1
+    fig = figures.confusion_matrix(cm, names, groups)
+    ax = fig.axes[0]
+    assert not ax.texts  # no counts in the cells
+    assert any("counts not shown" in t.get_text() for t in fig.texts)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 40 and all(whole_words(lbl, names) for lbl in labels)
+    assert len(outlines(ax)) == 40  # 20 groups of 2: 2 ordered pairs each
+    assert_publication_quality(fig)
+    huge = figures.confusion_matrix(np.eye(174, dtype=int), [f"c{i}" for i in range(174)])
+    assert all(t.get_text().isdigit() for t in huge.axes[0].get_xticklabels())  # indices
+    assert huge.get_figwidth() < 20  # about 3000 px wide at 150 dpi
+    assert_publication_quality(huge)
+
+
+def test_u2s_csm_names_whole(sample):
+    diagnostics = eval_diagnostics("u2s", sample["clips"])
+    fig = figures.u2s_figures(diagnostics, sample, NAMES, GROUPS)["u2s_csm"]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == len(NAMES) and all(whole_words(lbl, NAMES) for lbl in labels)
 
 
 def test_per_class_csv():

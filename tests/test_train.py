@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from helpers import TINY_RUN
+from helpers import TINY_RUN, MlflowUI
 from mlflow.tracking import MlflowClient
 
 from finegrain.models import METHODS
@@ -82,9 +82,57 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     for key in ("val_top5", "val_mean_class_acc", "val_spatial_top1", "val_temporal_top1"):
         assert key in run.data.metrics
     paths = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "eval", "checkpoints"} <= paths
+    assert {"config.yaml", "eval", "model"} <= paths
     evals = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert {"eval/confusion_matrix.png", "eval/per_class_accuracy.csv"} <= evals
+    # the model artifact: weights without optimizer state, and what rebuilds the model
+    model = client.download_artifacts(result.run_id, "model/model.pt", str(run_dir / "dl"))
+    saved = torch.load(model, map_location="cpu", weights_only=False)
+    assert "optimizer" not in saved and saved["method"] == "onepass" and saved["model"]
+    assert Path(model).stat().st_size < (result.run_dir / "best.pt").stat().st_size
+    # every resolved option, defaults included, in params and config.yaml; bookkeeping as tags
+    assert run.data.params["eval.precise_bn_batches"] == "16"
+    assert "run.dir" not in run.data.params and run.data.tags["run.name"] == "tracked"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
+    # the dataset in MLflow's Dataset column: split sizes and a digest of the shards
+    (inp,) = client.get_run(result.run_id).inputs.dataset_inputs
+    assert inp.dataset.name.startswith("synthetic-") and len(inp.dataset.digest) == 12
+    assert '"train": 12' in inp.dataset.profile and '"val": 4' in inp.dataset.profile
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training view
+    assert exp.artifact_location.startswith("file:///")
+    (run_dir / "elsewhere").mkdir()
+    with MlflowUI(run_dir / "mlflow.db", run_dir / "elsewhere") as ui:  # the README's command
+        assert {"config.yaml", "eval", "model"} <= ui.files(result.run_id)
+        assert ui.read(result.run_id, "model/model.pt") == Path(model).read_bytes()
+
+
+def yaml_file(text: str) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    return f.name
+
+
+@pytest.mark.parametrize("method", ["dsts", "dfb"])
+def test_a_runs_params_hold_the_methods_resolved_defaults(method):
+    from finegrain.models import method_options
+
+    cfg = load_config("synthetic", [f"model.method={method}", "run.name=x", "run.dir=/tmp/r"])
+    params = cfg.params()
+    for key, default in method_options(method).items():
+        assert params[f"model.{key}"] == (list(default) if isinstance(default, tuple) else default)
+    if method == "dsts":
+        assert {"model.neurons", "model.layers", "model.tau", "model.udl"} <= set(params)
+    dumped = load_config(yaml_file(cfg.to_yaml())).model  # config.yaml rebuilds the run
+    assert dumped.options() == {**cfg.model.options(), **dumped.model_extra}
+    assert ("neurons" if method == "dsts" else "filters_per_class") in dumped.model_extra
+    assert cfg.bookkeeping() == {
+        "run.name": "x", "run.dir": "/tmp/r", "tracking.mlflow_uri": "None",
+        "tracking.experiment": "finegrain", "tracking.parent_run_id": "None",
+    }  # fmt: skip
 
 
 def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_error(run_dir):
@@ -245,6 +293,7 @@ def test_a_training_worker_killed_mid_epoch_costs_at_most_an_epoch_and_no_run(ru
             "data.crop=32",
             "model.width=4",
             "model.weights=null",  # the project's pretrained weights are for width 16
+            "data.synthetic.val_videos_per_class=null",  # a quarter of 18: a short evaluation
             "optim.epochs=4",
             "scaling.workers=1",
             "run.max_failures=1",

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import MlflowUI
 from mlflow.tracking import MlflowClient
 
 from finegrain.platform import tracking
@@ -437,13 +438,18 @@ def test_ray_job_submit_on_a_2_cpu_head_runs_the_main_job_to_succeeded(
         assert steps == [1], (run.info.run_name, steps)
     assert 0.0 <= parent.data.metrics["best_val_top1"] <= 1.0
     assert 0.0 <= parent.data.metrics["baseline_val_top1"] <= 1.0
-    # the artifacts, as the MLflow UI over this store serves them
-    with tracking.LocalServer(
-        client.tracking_uri, tracking.artifact_root(run_dir), tmp_path / "ui.log"
-    ) as ui:
-        artifacts = {a.path for a in MlflowClient(ui).list_artifacts(parent.info.run_id)}
+    # the artifacts, as the README's `mlflow ui` over this store serves them (from elsewhere)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    child = next(r for r in children if "baseline" not in r.info.run_name)
+    with MlflowUI(run_dir / "mlflow.db", elsewhere) as ui:
+        artifacts = ui.files(parent.info.run_id)
+        trial = ui.files(child.info.run_id)
+        config = ui.read(child.info.run_id, "config.yaml").decode()
     expected = {"search_space.yaml", "best_config.yaml", "results.csv", "parallel_coordinates.png"}
     assert expected <= artifacts, artifacts
+    assert {"config.yaml", "eval"} <= trial, trial
+    assert "method: dsts" in config and "neurons:" in config
 
 
 def submit_job(command: list[str], env: dict, address: str, token: str, job: str) -> None:
@@ -602,8 +608,6 @@ def log_from_here():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import ray
-
-        from finegrain.platform import tracking
 
         logger = tracking.RunLogger(uri, run_id)
         logger.tags({"from_second_node": ray.get_runtime_context().get_node_id()})

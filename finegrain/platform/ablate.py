@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from finegrain.models import method_options
 from finegrain.platform import tracking
 from finegrain.platform.config import (
     ConfigError,
@@ -322,8 +323,11 @@ VOLATILE += ("data.decode_actors", "data.decode_cpus", "data.decode_batch", "dat
 def config_diff(cfg: ExperimentConfig, params: dict[str, str]) -> list[str]:
     """``key: logged → now`` for every config field that differs from a run's MLflow params."""
     out = []
-    for key, value in cfg.flat().items():
+    defaults = method_options(cfg.model.method)
+    for key, value in cfg.params().items():
         now = str(value)[:6000]  # as tracking.log_params stores it
+        if key not in params and key.startswith("model.") and defaults.get(key[6:]) == value:
+            continue  # a run logged before defaults were logged: it used this default too
         if not key.startswith(VOLATILE) and params.get(key) != now:
             out.append(f"{key}: {params.get(key, '(missing)')} → {now}")
     return out
@@ -376,10 +380,13 @@ def _open(cfg: ExperimentConfig, uri: str, suite: str, variant: str, **tags: str
             "dataset": cfg.data.dataset,
             "suite": suite,
             "variant": variant,
+            **cfg.bookkeeping(),
             **tags,
         },
-        params=cfg.flat(),
+        params=cfg.params(),
         parent_run_id=cfg.tracking.parent_run_id,
+        # variant first: MLflow's runs table cuts long names at the end
+        display_name=f"{variant} · seed {cfg.run.seed} · {experiment_name(suite)}",
     )
 
 
@@ -697,6 +704,7 @@ def suite_table(
             continue  # no run has it (e.g. no spatial-subtle class in a tiny val split)
         frames[metric] = df.set_index("variant")
     top1 = frames["top1"]
+    unfinished = _unfinished(uri, experiment)
     rows = []
     for v in variants:
         row: dict[str, Any] = {
@@ -713,6 +721,7 @@ def suite_table(
         row["n"] = int(top1.at[v.name, "n"]) if hit else 0
         row["seeds"] = top1.at[v.name, "seeds"] if hit else ""
         row["runs"] = top1.at[v.name, "runs"] if hit else ""
+        row["failed"] = "; ".join(unfinished.get(v.name, []))
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs.update(
@@ -727,6 +736,31 @@ def suite_table(
     return table, top1
 
 
+def _unfinished(uri: str, experiment: str) -> dict[str, list[str]]:
+    """Variant → what its runs that did not finish say: "failed: <error>" for a FAILED run,
+    "stopped early" for a KILLED one (a table never drops a run silently)."""
+    client = tracking.tracking_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string="attributes.status != 'FINISHED'", max_results=5000
+    )
+    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+        tags, status = run.data.tags, run.info.status
+        if status == "RUNNING" or "variant" not in tags or "suite" not in tags:
+            continue
+        seed = run.data.params.get("run.seed", "?")
+        what = (
+            f"failed: {tags.get('error', 'no error recorded')}"
+            if status == "FAILED"
+            else ("stopped early")
+        )
+        out.setdefault(tags["variant"], []).append(f"seed {seed} {what}")
+    return out
+
+
 def _pct(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "—"
@@ -738,14 +772,19 @@ def to_markdown(table, setup: str = "") -> str:
     columns = table.attrs.get("columns", ["top1"])
     header = ["paper table", "variant", "setting"] + [f"{COLUMNS[m]} (%)" for m in columns]
     header += ["n", "seeds", "MLflow runs"]
+    failures = bool("failed" in table and table["failed"].astype(bool).any())
+    header += ["not finished"] if failures else []
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":--"] * 3 + ["--:"] * (len(columns) + 1) + [":--", ":--"]) + "|",
+        "|"
+        + "|".join([":--"] * 3 + ["--:"] * (len(columns) + 1) + [":--", ":--"] + [":--"] * failures)
+        + "|",
     ]
     for _, row in table.iterrows():
         cells = [row["table"], f"`{row['variant']}`", row["setting"]]
         cells += [_pct(row[f"{m}_mean"], row[f"{m}_std"]) for m in columns]
         cells += [row["n"], row["seeds"] or "—", row["runs"] or "—"]
+        cells += [row["failed"] or "—"] if failures else []
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     evals = table["setting"].str.contains(r"\[eval of ", regex=True).any()
     caption = (
@@ -774,6 +813,18 @@ def _setup_line(base: ExperimentConfig) -> str:
     )
 
 
+def _num_classes(base: ExperimentConfig) -> int | None:
+    """The classes of the suite's dataset (for the chance line), None when unknown here."""
+    if base.data.dataset == "synthetic":
+        return base.data.synthetic.classes
+    from finegrain.platform.data import load_spec
+
+    try:
+        return len(load_spec(Path(base.data.shards)).classes) if base.data.shards else None
+    except FileNotFoundError:
+        return None
+
+
 def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> SuiteResult:
     from finegrain.platform.compare import bar_chart
 
@@ -789,7 +840,9 @@ def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> S
     markdown = to_markdown(table, _setup_line(base))
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png = out_dir / "table.md", out_dir / "table.png"
-    bar_chart(top1, png)
+    top1.attrs.update(title=f"ablation {suite.name}: {suite.title}", suite=suite.name)
+    classes = _num_classes(base)
+    bar_chart(top1, png, chance=1 / classes if classes else None)
     md.write_text(markdown + f"\n![top-1 per variant]({png.name})\n")
     table.to_csv(out_dir / "table.csv", index=False)
     plan = {
@@ -803,6 +856,7 @@ def _report(suite, chosen, seeds, base, uri, display_uri, out_dir, summary) -> S
         "base": base.model_dump(mode="json"),
     }
     logger = tracking.RunLogger(uri, summary)
+    logger.tags({"mlflow.note.content": markdown})  # the run page's description
     logger.text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True), "suite.yaml")
     for path in (md, png, out_dir / "table.csv"):
         logger.artifact(path)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from finegrain.platform.config import ExperimentConfig
 
@@ -47,11 +49,18 @@ def connect(
     if ray.is_initialized():
         return
     hook = "finegrain.platform.logs.quiet_worker_logs"  # run in every worker this job starts
+    # the script of this job, for the MLflow runs its trials open (their process is Ray's)
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = Path(__file__).resolve().parents[2]
+    source = str(script.relative_to(root)) if script and script.is_relative_to(root) else ""
+    env = {"worker_process_setup_hook": hook} | (
+        {"env_vars": {"FINEGRAIN_SOURCE": source}} if source else {}
+    )
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # (Ray merges this with the runtime env `ray job submit` gave the job)
         ray.init(
             address=address,
-            runtime_env={"worker_process_setup_hook": hook},
+            runtime_env=env,
             log_to_driver=log_to_driver,
             logging_level="warning",
         )
@@ -61,7 +70,7 @@ def connect(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
         dashboard_host="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": hook},
+        runtime_env=env,
         log_to_driver=log_to_driver,
         logging_level="warning",
     )

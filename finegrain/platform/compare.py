@@ -241,32 +241,138 @@ def to_markdown(df: pd.DataFrame) -> str:
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
 
-def bar_chart(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Horizontal bars of the mean with ± std error bars (and the best run as a dot)."""
+CHART_DPI = 150  # the saved bar chart's resolution
+CHART_PT = 9  # its smallest text
+CHART_CHAR_IN = CHART_PT * 0.6 / 72  # width of a character of that text, inches
+METRIC_WORDS = {
+    "top1": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "best_top1": "best top-1 accuracy",
+    "mean_class_acc": "mean class accuracy",
+    "spatial_top1": "top-1 accuracy on spatial-subtle classes",
+    "temporal_top1": "top-1 accuracy on temporal-subtle classes",
+}
+
+
+def _chart_title(df: pd.DataFrame, labels: Sequence[str]) -> str:
+    """``attrs['title']`` (or the suite, or the experiments) and the metric in words."""
+    metric = df.attrs.get("metric", "value")
+    name = metric.removeprefix("val_").removeprefix("train_")
+    what = METRIC_WORDS.get(name, name.replace("_", " "))
+    split = "Validation" if metric.startswith("val_") else "Training" if metric != name else ""
+    what = f"{split} {what}".strip()
+    head = df.attrs.get("title") or (
+        f"Ablation {df.attrs['suite']}" if df.attrs.get("suite") else None
+    )
+    head = head or ", ".join(map(str, df.attrs.get("experiments") or []))
+    per = " / ".join(labels) or "group"
+    return f"{head}: {what} per {per}" if head else f"{what[0].upper()}{what[1:]} per {per}"
+
+
+def bar_figure(df: pd.DataFrame, chance: float | None = None):
+    """The figure of :func:`bar_chart`."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.transforms import blended_transform_factory
 
     metric = df.attrs.get("metric", "value")
-    scale = 100.0 if is_accuracy(metric) else 1.0
-    labels = [" / ".join(str(row[c]) for c in _group_labels(df)) for _, row in df.iterrows()]
+    percent = is_accuracy(metric)
+    scale = 100.0 if percent else 1.0
+    chance = chance if chance is not None else df.attrs.get("chance")
+    chance = chance if percent else None  # a chance level is an accuracy
+    group_labels = _group_labels(df)
+    names = [" / ".join(str(row[c]) for c in group_labels) for _, row in df.iterrows()]
+    longest_word = max((len(w) for n in names for w in n.split()), default=1)
+    column = max(0.95, longest_word * CHART_CHAR_IN + 0.15)  # inches per bar
+    chars = int(column / CHART_CHAR_IN)
+    ticks = [textwrap.fill(n, chars, break_long_words=False, break_on_hyphens=False) for n in names]
     mean = df["mean"].to_numpy(float) * scale
-    std = df["std"].fillna(0).to_numpy(float) * scale
+    std = df["std"].to_numpy(float) * scale  # NaN (one run): no error bar
     best = df["best"].to_numpy(float) * scale
-    y = list(range(len(df)))
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(df)))
-    ax.barh(y, mean, xerr=std, color="#4c72b0", capsize=3, label="mean ± std")
-    ax.scatter(best, y, color="#dd8452", zorder=3, s=18, label="best run")
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{metric}{' (%)' if scale == 100 else ''}")
-    ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    x = list(range(len(df)))
+    width = max(6.0, 1.4 + column * len(df))
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=CHART_DPI, layout="constrained")
+    bars = "mean over seeds ± std"
+    ax.bar(x, mean, 0.7, yerr=std, color="#4c72b0", capsize=4, label=bars)
+    ax.scatter(x, best, color="#dd8452", zorder=3, s=22, label="best run")
+    top = np.fmax(np.nan_to_num(mean + std, nan=-np.inf), np.fmax(mean, best))
+    for xi, m, t in zip(x, mean, top):
+        if not np.isnan(m):
+            text = f"{m:.1f} %" if percent else f"{m:.4g}"
+            ax.annotate(
+                text,
+                (xi, t),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=CHART_PT,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+            )
+    if chance is not None:
+        level = float(chance) * scale
+        ax.axhline(level, color="0.25", linestyle="--", linewidth=1.2, label="chance")
+        ax.text(
+            1.01,
+            level,
+            f"chance {level:.1f} %",
+            transform=blended_transform_factory(ax.transAxes, ax.transData),
+            ha="left",
+            va="center",
+            fontsize=CHART_PT,
+            color="0.25",
+        )
+    ax.set_xticks(x, ticks)
+    ax.tick_params(labelsize=CHART_PT)
+    ax.set_xlim(-0.6, len(df) - 0.4)
+    if percent:
+        ax.set_ylim(0, 100)
+    elif np.isfinite(mean).any():
+        ax.set_ylim(bottom=min(0.0, float(np.nanmin(mean - np.nan_to_num(std)))))
+    ax.set_ylabel(f"{metric}{' (%)' if percent else ''}", fontsize=CHART_PT + 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    title = _chart_title(df, group_labels)
+    fig.suptitle(textwrap.fill(title, int((width - 0.3) * 72 / (11 * 0.6))), fontsize=11)
+    caption = (
+        f"Bars: mean over runs (seeds) of each run's final-epoch {metric}; error bars: ± "
+        "sample std (n−1), none for a single run; dots: best run"
+        + ("; dashed line: chance (1 / number of classes)." if chance is not None else ".")
+    )
+    lines = textwrap.wrap(caption, int((width - 0.3) * 72 / (CHART_PT * 0.55)))
+    band = 0.45 + len(lines) * CHART_PT * 1.3 / 72 + 0.15  # legend row, caption lines
+    total = fig.get_figheight() + band
+    fig.set_figheight(total)
+    fig.get_layout_engine().set(rect=(0, band / total, 1, 1 - band / total))
+    handles = sorted(ax.get_legend_handles_labels()[0], key=lambda h: h.get_label() != bars)
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, band / total),
+        ncols=len(handles),
+        fontsize=CHART_PT,
+        frameon=False,
+    )
+    fig.text(0.15 / width, 0.08 / total, "\n".join(lines), fontsize=CHART_PT, color="0.2")
+    return fig
+
+
+def bar_chart(df: pd.DataFrame, path: str | os.PathLike, chance: float | None = None) -> Path:
+    """Bars of the mean over seeds with ± std error bars, the best run as a dot, values in %
+    (accuracies: axis 0–100 %) and, with ``chance`` (default ``df.attrs["chance"]``, e.g.
+    1 / number of classes), a dashed chance line; titled from ``df.attrs`` (``title``,
+    ``suite`` or ``experiments``)."""
+    import matplotlib.pyplot as plt
+
+    fig = bar_figure(df, chance)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=CHART_DPI)
     plt.close(fig)
     return path
 

@@ -209,6 +209,10 @@ class RunConfig(_Section):
     startup_retries: int | None = Field(None, ge=0, le=1000)
 
 
+# config fields that say where a run lives and logs, not what it computes: MLflow tags
+BOOKKEEPING = ("run.dir", "run.name", "tracking.")
+
+
 class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -218,12 +222,32 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
 
+    def resolved(self) -> dict[str, Any]:
+        """The whole configuration as plain data, the method's options with their defaults
+        filled in (what the run used, so that it can be reproduced from what MLflow holds)."""
+        d = self.model_dump(mode="json")
+        defaults = method_options(self.model.method)
+        d["model"] |= {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in defaults.items()
+            if k not in d["model"]
+        }
+        return d
+
     def flat(self) -> dict[str, Any]:
-        """``{"model.neurons": 12, ...}`` (for MLflow params)."""
-        return _flatten(self.model_dump(mode="json"))
+        """``{"model.neurons": 12, ...}``, defaults included."""
+        return _flatten(self.resolved())
+
+    def params(self) -> dict[str, Any]:
+        """What MLflow logs as the run's params: every field that says what the run computes;
+        where it runs and logs (:data:`BOOKKEEPING`) goes to :meth:`bookkeeping` (tags)."""
+        return {k: v for k, v in self.flat().items() if not k.startswith(BOOKKEEPING)}
+
+    def bookkeeping(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.flat().items() if k.startswith(BOOKKEEPING)}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -114,6 +114,16 @@ class DataSpec:
             stream=stream,
         )
 
+    def split_sizes(self) -> dict[str, int]:
+        """Videos per split of the shards."""
+        from finegrain.datasets.pipeline import split_rows
+
+        return {
+            split: sum(split_rows(self.shards, split).values())
+            for split in ("train", "val", "test")
+            if any(self.shards.glob(f"shards/{split}-*.parquet"))
+        }
+
     def train_rows(self) -> int:
         """Training videos in the shards."""
         from finegrain.datasets.pipeline import split_rows
@@ -144,6 +154,16 @@ def _configure_data_context() -> None:
     context.print_on_execution_start = False
     # same seed → same batches: blocks are yielded in plan order, not as tasks finish
     context.execution_options.preserve_order = True
+
+
+def dataset_name(cfg: ExperimentConfig) -> str:
+    """The dataset's name as MLflow shows it: the synthetic benchmark's options, or the real
+    dataset and its split."""
+    if cfg.data.shards:
+        return Path(cfg.data.shards).resolve().name
+    if cfg.data.dataset == "synthetic":
+        return synthetic_dirs(cfg)[0].parent.name
+    return f"{cfg.data.dataset}-split{cfg.data.split}"
 
 
 def synthetic_dirs(cfg: ExperimentConfig) -> tuple[Path, Path]:

@@ -41,12 +41,15 @@ def classification_metrics(
     class_names: Sequence[str] | None = None,
     class_groups: dict[str, dict] | None = None,
 ) -> dict:
-    """Scalars under their MLflow names, plus ``confusion`` (K, K) and ``per_class`` (K,)."""
+    """Scalars under their MLflow names (``loss``: cross-entropy of the view-averaged
+    probabilities), plus ``confusion`` (K, K) and ``per_class`` (K,)."""
     k = num_classes
     out: dict = {
         "top1": multiclass_accuracy(probs, labels, k, average="micro").item(),
         "top5": multiclass_accuracy(probs, labels, k, average="micro", top_k=min(5, k)).item(),
         "mean_class_acc": multiclass_accuracy(probs, labels, k, average="macro").item(),
+        # the validation loss: cross-entropy of the view-averaged prediction of each video
+        "loss": torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
     }
     out["per_class"] = multiclass_accuracy(probs, labels, k, average="none")
     out["confusion"] = multiclass_confusion_matrix(probs, labels, k)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import tempfile
@@ -75,22 +76,51 @@ def artifact_root(run_dir: str | os.PathLike) -> Path:
     return run_root(run_dir) / "mlartifacts"
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on ``uri``, bound to localhost."""
+def ui_command(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on ``uri``, bound to localhost (the README's), and
+    the page of the experiment or run it shows."""
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = ""
+    if experiment_id:
+        page = f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {page or uri} in a browser"
+    command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return command + (f", then {page}" if page else "")
+
+
+def ui_hint(uri: str, run_id: str) -> str:
+    """:func:`ui_command` for ``run_id``'s page (its experiment looked up in the store)."""
+    try:
+        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the store is unreachable now: the command alone still helps
+        experiment_id = None
+    return ui_command(uri, experiment_id, run_id if experiment_id else None)
+
+
+# Our local `mlflow server`s (URI -> the folder it stores artifacts in): experiments created
+# through them get that folder as an absolute artifact location, so that the plain
+# `mlflow ui --backend-store-uri sqlite:///…` of the README serves their artifacts too (the
+# server's default `mlflow-artifacts:/` location resolves against the UI's working directory).
+_SERVED: dict[str, Path] = {}
+# MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds
+# model training: the UI reads this tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def get_experiment_id(client: MlflowClient, name: str, run_dir: str | os.PathLike) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
         location = (artifact_root(run_dir) / name).as_uri()
+    elif client.tracking_uri in _SERVED:
+        location = (_SERVED[client.tracking_uri] / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -112,6 +142,59 @@ def git_commit() -> str:
         return "unknown"
 
 
+def script_name(path: str) -> str:
+    """The script a command ran, relative to the project when it is in it."""
+    if not path:
+        return "python"
+    script = Path(path).resolve()
+    try:
+        return str(script.relative_to(project_root()))
+    except ValueError:
+        return script.name
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's Source and User columns: the command that made the run, its commit, who."""
+    import getpass
+    import sys
+
+    source = os.environ.get("FINEGRAIN_SOURCE") or script_name(sys.argv[0] if sys.argv else "")
+    commit = git_commit()
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (some containers)
+        user = "unknown"
+    return {
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        "mlflow.user": user,
+        "git_commit": commit,
+    }
+
+
+def log_dataset(uri: str, run_id: str, name: str, shards: Path, splits: dict[str, int]) -> None:
+    """The run's dataset in MLflow's Dataset column: name, split sizes and a digest of the
+    shards (their files' names and sizes, and the class list)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    h = hashlib.sha256()
+    for f in sorted(Path(shards).glob("shards/*.parquet")):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    classes = Path(shards) / "classes.json"
+    if classes.is_file():
+        h.update(classes.read_bytes())
+    dataset = Dataset(
+        name=name,
+        digest=h.hexdigest()[:12],
+        source_type="local",
+        source=json.dumps({"uri": str(Path(shards).resolve())}),
+        profile=json.dumps({"videos_per_split": splits}),
+    )
+    context = InputTag("mlflow.data.context", "training")
+    tracking_client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, [context])])
+
+
 def open_run(
     uri: str,
     experiment: str,
@@ -120,8 +203,12 @@ def open_run(
     tags: dict[str, str] | None = None,
     params: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
+    display_name: str | None = None,
 ) -> str:
-    """Create the run named ``run_name`` (or reuse it: resume) and return its id."""
+    """Create the run named ``run_name`` (or reuse it: resume) and return its id.
+
+    ``display_name``: what MLflow's runs table shows, when not ``run_name`` (which stays the
+    tag that finds the run again)."""
     client = tracking_client(uri)
     exp_id = get_experiment_id(client, experiment, run_dir)
     found = client.search_runs(
@@ -131,10 +218,10 @@ def open_run(
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    all_tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **(tags or {})}
+    all_tags = {RUN_NAME_TAG: run_name, **source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=display_name or run_name, tags=all_tags)
     if params:
         log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -429,6 +516,7 @@ class LocalServer:
             preexec_fn=_die_with_parent,  # a driver killed with -9 takes its server along
         )
         self.uri = f"http://127.0.0.1:{port}"
+        _SERVED[self.uri] = self.artifacts.resolve()
         deadline = time.time() + self.start_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -446,6 +534,7 @@ class LocalServer:
         )
 
     def __exit__(self, *exc) -> None:
+        _SERVED.pop(self.uri, None)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -57,7 +57,7 @@ from finegrain.models.base import (
 )
 from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ExperimentConfig
-from finegrain.platform.data import DataSpec, bad_video_note, prepare_data
+from finegrain.platform.data import DataSpec, bad_video_note, dataset_name, prepare_data
 from finegrain.platform.logs import quiet_ray_logs
 from finegrain.platform.metrics import average_views, classification_metrics
 
@@ -122,12 +122,14 @@ def run_experiment(
             "method": cfg.model.method,
             "backbone": cfg.model.backbone,
             "dataset": cfg.data.dataset,
+            **cfg.bookkeeping(),
         },
-        params=cfg.flat(),
+        params=cfg.params(),
         parent_run_id=cfg.tracking.parent_run_id,
     )
     logger = tracking.RunLogger(uri, run_id)
     logger.text(cfg.to_yaml(), "config.yaml")
+    tracking.log_dataset(uri, run_id, dataset_name(cfg), data.shards, data.split_sizes())
     if not quiet:
         print(f"MLflow run {run_id} ({run_name}) in {uri}", flush=True)
 
@@ -562,6 +564,27 @@ class _Loop:
             yield (*self.model_input(batch), batch)
 
     # --- checkpoints ---------------------------------------------------------------------
+    def export_model(self, checkpoint: Path) -> Path:
+        """``model.pt`` beside the best checkpoint: its weights and what rebuilds the model,
+        without the optimizer state (the resumable checkpoint stays in the run directory)."""
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        cfg = self.cfg
+        out = checkpoint.with_name("model.pt")
+        torch.save(
+            {
+                "model": state["model"],
+                "hook": state["hook"],
+                "epoch": state["epoch"],
+                "best_top1": state["best_top1"],
+                "method": cfg.model.method,
+                "backbone": cfg.model.backbone,
+                "options": cfg.resolved()["model"],
+                "classes": list(self.config["classes"]),
+            },
+            out,
+        )
+        return out
+
     def state(self, epoch: int) -> dict:
         return {
             "epoch": epoch,
@@ -894,7 +917,8 @@ class _Loop:
             figures.per_class_csv(names, val["per_class"]), "eval/per_class_accuracy.csv"
         )
         self.logger.figure(
-            figures.confusion_matrix(val["confusion"], names), "eval/confusion_matrix.png"
+            figures.confusion_matrix(val["confusion"], names, self.config["class_groups"]),
+            "eval/confusion_matrix.png",
         )
         for name, fig in figures.method_figures(
             self.cfg.model.method,
@@ -905,7 +929,7 @@ class _Loop:
         ).items():
             self.logger.figure(fig, f"diagnostics/{name}.png")
         if final and (self.run_dir / "best.pt").exists():
-            self.logger.artifact(self.run_dir / "best.pt", "checkpoints")
+            self.logger.artifact(self.export_model(self.run_dir / "best.pt"), "model")
         figures.close_all()
 
 

@@ -385,7 +385,7 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
         name,
         base.run.dir,
         tags={"method": base.model.method, "backbone": base.model.backbone, "sweep": "parent"},
-        params={"num_samples": num_samples, **{f"base.{k}": v for k, v in base.flat().items()}},
+        params={"num_samples": num_samples, **{f"base.{k}": v for k, v in base.params().items()}},
     )
     tracking.RunLogger(uri, run_id).text(
         yaml.safe_dump(space, sort_keys=False), "search_space.yaml"
@@ -433,6 +433,12 @@ def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1,
     logger.text(yaml.safe_dump(best_params, sort_keys=False), "best_config.yaml")
     logger.text(table.to_csv(index=False), "results.csv")
     logger.text(table.to_string(index=False), "results.txt")
+    # the run page's description (MLflow's note): the results, best first
+    best_first = table.sort_values("val_best_top1", ascending=False, na_position="last")
+    note = f"**Sweep `{sweep_dir.name}`**: best val top-1 {100 * best_top1:.1f} %"
+    if baseline_top1 is not None:
+        note += f" (one-pass baseline {100 * baseline_top1:.1f} %)"
+    logger.tags({"mlflow.note.content": note + "\n\n" + _markdown(best_first)})
     metrics = {"best_val_top1": best_top1}
     if baseline_top1 is not None:
         metrics["baseline_val_top1"] = baseline_top1
@@ -442,6 +448,18 @@ def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1,
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def _markdown(table) -> str:
+    """A DataFrame as a Markdown table (floats to 4 digits; pandas' own needs `tabulate`)."""
+
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |"]
+    lines.append("|" + "---|" * len(table.columns))
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join(lines)
 
 
 def sweep_figures(storage_path: Path, study_name: str) -> dict:
