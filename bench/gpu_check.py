@@ -128,6 +128,7 @@ def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple
 def check_worker(config: dict) -> None:
     """The whole check inside one Ray Train worker; rank 0 reports one row per configuration."""
     import ray.train
+    import ray.train.torch
 
     from finegrain.datasets.pipeline import (
         ClipConfig,
