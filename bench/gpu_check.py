@@ -54,7 +54,7 @@ TINY_CONFIGS = [
 def settings(args) -> dict:
     """Sizes of the check: the GPU run, or the seconds-long dry run (``--tiny``)."""
     if args.tiny:
-        return dict(classes=4, videos=4, size=32, frames=4, short=32, crop=32, batch=4, steps=3)
+        return dict(classes=4, videos=4, size=32, frames=8, short=32, crop=32, batch=4, steps=3)
     return dict(classes=12, videos=12, size=64, frames=8, short=128, crop=112, batch=32, steps=20)
 
 
@@ -127,6 +127,7 @@ def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple
 
 def check_worker(config: dict) -> None:
     """The whole check inside one Ray Train worker; rank 0 reports one row per configuration."""
+    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -138,6 +139,7 @@ def check_worker(config: dict) -> None:
         to_model_input,
     )
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one table, no bars
     s, device = config["settings"], ray.train.torch.get_device()
     classes = len(read_classes(config["shards"]))
     clip = ClipConfig(
