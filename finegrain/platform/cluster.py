@@ -262,8 +262,12 @@ def live_actors() -> list[str]:
     here = ray.get_runtime_context().get_node_id()
     left = []
     for a in actors:
-        if (a.name or "").startswith("finegrain-mlflow-") or a.class_name in _JOB_LONG_ACTORS:
-            continue
+        long_lived = (a.name or "").startswith("finegrain-mlflow-") or (
+            a.class_name in _JOB_LONG_ACTORS
+        )
+        if long_lived and a.state == "ALIVE":
+            continue  # but one still being created (Ray Data starts its coordinator with the
+            # first dataset a trial runs, maybe as the sweep is stopped) is waited for too
         if a.state != "DEAD":
             left.append(f"{a.class_name} ({a.state})")
         elif a.node_id == here and _running(a.pid):
