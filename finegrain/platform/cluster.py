@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from finegrain.platform.config import ExperimentConfig
 
@@ -50,12 +49,10 @@ def connect(
         return
     hook = "finegrain.platform.logs.quiet_worker_logs"  # run in every worker this job starts
     # the script of this job, for the MLflow runs its trials open (their process is Ray's)
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    root = Path(__file__).resolve().parents[2]
-    source = str(script.relative_to(root)) if script and script.is_relative_to(root) else ""
-    env = {"worker_process_setup_hook": hook} | (
-        {"env_vars": {"FINEGRAIN_SOURCE": source}} if source else {}
-    )
+    from finegrain.platform.tracking import script_name
+
+    source = script_name(sys.argv[0] if sys.argv else "")
+    env = {"worker_process_setup_hook": hook, "env_vars": {"FINEGRAIN_SOURCE": source}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # (Ray merges this with the runtime env `ray job submit` gave the job)
         ray.init(
