@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_RUN, "scaling.cpus_per_worker=0.5", "data.decode_cpus=0.5"]
 
 
-@pytest.mark.parametrize("name", list(ablate.SUITES))
+@pytest.mark.parametrize("name", list(ablate.suites()))
 def test_every_suite_builds_valid_configs(name):
     suite = ablate.get_suite(name)
     names = [v.name for v in suite.variants]
@@ -148,7 +148,7 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
 
         # the evaluation path (U2S's oracle / fusion rows) reproduces a run's own val metrics
         cfg = ablate.variant_config(
-            base, ablate.get_suite("dfb"), ablate.SUITES["dfb"].variants[0], 0
+            base, ablate.get_suite("dfb"), ablate.get_suite("dfb").variants[0], 0
         )
         task = ray.remote(ablate.evaluate_checkpoint)  # as run_suite runs it: a Ray task
         out = ray.get(task.remote(cfg.model_dump(mode="json"), ablate.final_checkpoint(cfg)))
@@ -166,7 +166,7 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
         # a rerun with another config would reuse these names: run_suite refuses it
         other = ablate.load_base("dfb", None, [*TINY, f"run.dir={tmp_path}", "optim.lr=0.2"])
         other = ablate.variant_config(
-            other, ablate.SUITES["dfb"], ablate.SUITES["dfb"].variants[0], 0
+            other, ablate.get_suite("dfb"), ablate.get_suite("dfb").variants[0], 0
         )
         assert ablate.config_diff(other, gb0.data.params) == ["optim.lr: 0.003 → 0.2"]
         assert ablate.config_diff(cfg, gb0.data.params) == []

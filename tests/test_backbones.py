@@ -9,6 +9,7 @@ import torch
 from torchvision.models import video as tvv
 from torchvision.models.video.mvit import MSBlockConfig
 
+from finegrain.models import build_model
 from finegrain.models.backbones import BACKBONES, build_backbone, mvit
 
 SMALL = (8, 32, 32)  # input (T, H, W)
@@ -85,13 +86,18 @@ def test_mvit_tokens_equal_torchvision_and_other_sizes_run():
         assert backbone(torch.randn(1, 3, 8, 48, 64))[0].shape == (1, 32, 4, 6, 8)
 
 
-def test_mvit_supports_only_token_methods():
-    backbone = mvit(_small_mvit(), "small_mvit")
-    backbone.check_method("onepass")
-    backbone.check_method("dsts")
+def test_mvit_supports_only_token_methods(monkeypatch):
+    from finegrain.models import backbones
+
+    monkeypatch.setitem(
+        backbones.BACKBONES, "small_mvit", lambda: mvit(_small_mvit(), "small_mvit")
+    )
+    assert not backbones.BACKBONES["small_mvit"]().has_stages
+    for method in ("onepass", "dsts"):
+        assert build_model(method, 4, "small_mvit") is not None
     for method in ("u2s", "dfb", "classreg", "joint_attn"):
-        with pytest.raises(ValueError, match=f"{method}.*supports: onepass, dsts"):
-            backbone.check_method(method)
+        with pytest.raises(ValueError, match=f"{method}.*needs CNN stages.*onepass, dsts"):
+            build_model(method, 4, "small_mvit")
 
 
 def test_unknown_backbone_and_options_are_rejected():

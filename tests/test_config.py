@@ -41,7 +41,7 @@ def test_method_options_are_flat_in_the_model_section_and_typed():
         ("optim.schedule=linear", "optim.schedule: Input should be 'cosine', 'step' or 'constant'"),
         ("scaling.workers=0", "scaling.workers: Input should be greater than or equal to 1"),
         ("model.neurons=3", "model.neurons: not an option of method 'onepass'; valid: dropout"),
-        ("model.dropout=abc", "model.dropout: expected float"),
+        ("model.dropout=abc", "model.dropout: Input should be a valid number"),
         ("data.crop=100", "data.crop (100) must be <= data.short_side"),
         ("model.backbone=r3d_18", "model.width applies to the tiny backbone"),
         ("data.synthetic.classes=40", "data.synthetic.classes: Input should be less than or equal"),

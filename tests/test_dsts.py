@@ -9,10 +9,10 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from finegrain.models import build_model, method_options
-from finegrain.models import dsts as dsts_module
 from finegrain.models.backbones import tiny
 from finegrain.models.base import MetaContext, TrainingStage, trainable_parameters
 from finegrain.models.dsts import DSTSLayer, improved_semhash, saturating_sigmoid
+from finegrain.models.dsts import model as dsts_module
 
 
 def _clips(batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,27 +342,34 @@ def test_options_and_validation():
         "udl_outer_lr": 0.01,
         "dropout": 0.5,
     }
-    with pytest.raises(ValueError, match="unknown option.*'experts'.*valid:.*neurons"):
+    with pytest.raises(
+        ValueError, match="experts: not an option of method 'dsts'; valid:.*neurons"
+    ):
         build_model("dsts", 5, "tiny", experts=3)
     bad = [
-        ({"neurons": 0}, "neurons must be an int >= 1"),
-        ({"layers": 2.0}, "layers must be an int >= 1"),
-        ({"sts": "gate"}, "sts must be one of gates, fixed_halves, conv3d"),
-        ({"synapse": "softmax"}, "synapse must be one of gumbel, average_all"),
-        ({"impulse": "max"}, "impulse must be one of standardized, sum, mean"),
-        ({"gate_init": "zeros"}, "gate_init must be one of signed, small"),
-        ({"udl_alpha": "sgd"}, "udl_alpha must be one of run, fixed"),
-        ({"udl": "on"}, "udl must be True or False"),
-        ({"tau": 0}, "tau must be a number > 0"),
-        ({"udl_alpha_scale": 0}, "udl_alpha_scale must be a number > 0"),
-        ({"udl_inner_lr": -1.0}, "udl_inner_lr must be a number > 0"),
-        ({"udl_outer_lr": "x"}, "udl_outer_lr must be a number > 0"),
-        ({"dropout": 1.0}, "dropout must be in"),
+        ({"neurons": 0}, "neurons: Input should be greater than or equal to 1"),
+        ({"neurons": True}, "neurons: Input should be a valid integer"),
+        ({"layers": 2.0}, "layers: Input should be a valid integer"),
+        ({"sts": "gate"}, "sts: Input should be 'gates', 'fixed_halves' or 'conv3d'"),
+        ({"synapse": "softmax"}, "synapse: Input should be 'gumbel' or 'average_all'"),
+        ({"impulse": "max"}, "impulse: Input should be 'standardized', 'sum' or 'mean'"),
+        ({"gate_init": "zeros"}, "gate_init: Input should be 'signed' or 'small'"),
+        ({"udl_alpha": "sgd"}, "udl_alpha: Input should be 'run' or 'fixed'"),
+        ({"udl": "on"}, "udl: Input should be a valid boolean"),
+        ({"udl": 1}, "udl: Input should be a valid boolean"),
+        ({"tau": 0}, "tau: Input should be greater than 0"),
+        ({"tau": True}, "tau: Input should be a valid number"),
+        ({"udl_alpha_scale": 0}, "udl_alpha_scale: Input should be greater than 0"),
+        ({"udl_inner_lr": -1.0}, "udl_inner_lr: Input should be greater than 0"),
+        ({"udl_outer_lr": "x"}, "udl_outer_lr: Input should be a valid number"),
+        ({"dropout": 1.0}, "dropout: Input should be less than 1"),
         ({"synapse": "average_all", "sts": "conv3d"}, "udl=True needs upstream parameters"),
     ]
     for options, message in bad:
         with pytest.raises(ValueError, match=message):
             build_model("dsts", 5, "tiny", width=4, **options)
+    model = build_model("dsts", 5, "tiny", width=4, tau=2, layers=1)  # numbers accept ints
+    assert type(model.head.layers[0].tau) is float and model.head.layers[0].tau == 2.0
 
 
 # --- behaviour on real clips of the synthetic benchmark (METHODS.md, revised) ---------------

@@ -12,7 +12,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
 from finegrain.datasets.pipeline import to_model_input
-from finegrain.models import build_model
+from finegrain.models import build_model, method_spec
 from finegrain.platform import figures
 
 NAMES = [
@@ -176,7 +176,7 @@ def test_dsts_selection_split_by_subtlety():
     diagnostics = dsts_diagnostics([0, 0, 1, 2])
     labels = torch.tensor([2, 3, 0, 1])  # two spatial-subtle clips, then two temporal-subtle
     sample = {"labels": labels, "all_labels": labels}
-    figs = figures.dsts_figures(diagnostics, sample, NAMES, GROUPS)
+    figs = method_spec("dsts").draw(diagnostics, sample, NAMES, GROUPS)
     sel_fig = figs["dsts_neuron_selection"]
     heights = sorted(bar_heights(sel_fig.axes[0]).values())
     assert heights == sorted([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])  # share within each group
@@ -199,7 +199,7 @@ def test_dsts_equal_means_stay_readable():
     diagnostics = dsts_diagnostics([1, 1, 1, 1])
     labels = torch.tensor([2, 3, 0, 1])
     sample = {"labels": labels, "all_labels": labels}
-    fig = figures.dsts_figures(diagnostics, sample, NAMES, GROUPS)["dsts_temporal_share"]
+    fig = method_spec("dsts").draw(diagnostics, sample, NAMES, GROUPS)["dsts_temporal_share"]
     ax = fig.axes[0]
     notes = {t.get_text(): t.get_va() for t in ax.texts}
     assert notes == {"spatial-subtle 0.60": "bottom", "temporal-subtle 0.60": "top"}
@@ -215,7 +215,7 @@ def test_dsts_without_groups_or_labels_falls_back_to_counts():
         ({"all_labels": torch.tensor([2, 3, 0, 1, 0, 0])}, {}),  # no class groups
     ]
     for sample, groups in cases:
-        fig = figures.dsts_figures(diagnostics, sample, NAMES, groups)["dsts_neuron_selection"]
+        fig = method_spec("dsts").draw(diagnostics, sample, NAMES, groups)["dsts_neuron_selection"]
         (heights,) = bar_heights(fig.axes[0]).values()
         assert heights == pytest.approx([2 / 6, 1 / 6, 3 / 6])
         assert not fig.legends
@@ -223,11 +223,11 @@ def test_dsts_without_groups_or_labels_falls_back_to_counts():
 
 def test_dsts_counts_only_and_share_only():
     counts = {"dsts/layer0/selected": torch.tensor([3, 1, 0]), "dsts/layer1/selected": [0, 4, 0]}
-    figs = figures.dsts_figures(counts, {}, NAMES, GROUPS)
+    figs = method_spec("dsts").draw(counts, {}, NAMES, GROUPS)
     assert set(figs) == {"dsts_neuron_selection"}
     assert len([ax for ax in figs["dsts_neuron_selection"].axes if ax.get_visible()]) == 2
     share = {"dsts/layer0/temporal_share": torch.tensor([0.5, 0.5])}
-    assert set(figures.dsts_figures(share, {}, NAMES, GROUPS)) == {"dsts_temporal_share"}
+    assert set(method_spec("dsts").draw(share, {}, NAMES, GROUPS)) == {"dsts_temporal_share"}
 
 
 # --- DFB boxes and JointAttn time mapping ---------------------------------------------------------
@@ -244,7 +244,7 @@ def test_dfb_box_in_pixels_on_the_frames_of_its_time_cell(sample):
         "feature_stride": torch.tensor([2.0, 8.0, 8.0]),
     }
     sample = {**sample, "labels": torch.tensor([0, 1, 2])}
-    fig = figures.dfb_figures(diagnostics, sample, NAMES, GROUPS)["dfb_max_response"]
+    fig = method_spec("dfb").draw(diagnostics, sample, NAMES, GROUPS)["dfb_max_response"]
     row = [ax for ax in fig.axes if ax.images][:4]  # clip 0
     assert [ax.get_title().split("\n")[0] for ax in row] == [
         "frames 0–1",
@@ -266,7 +266,9 @@ def test_dfb_box_in_pixels_on_the_frames_of_its_time_cell(sample):
 
 def test_joint_attn_steps_spread_over_frames(sample):
     att = torch.softmax(torch.randn(3, 4, 5, 5).flatten(2), dim=2).view(3, 4, 5, 5)
-    fig = figures.joint_attn_figures({"attention": att}, sample, NAMES, {})["joint_attn_attention"]
+    fig = method_spec("joint_attn").draw({"attention": att}, sample, NAMES, {})[
+        "joint_attn_attention"
+    ]
     titles = [ax.get_title() for ax in fig.axes if ax.images][:4]
     assert titles == [f"step {t} · frame {2 * t}" for t in range(4)]
 
@@ -327,7 +329,7 @@ def test_large_confusion_matrix_stays_legible():
 
 def test_u2s_csm_names_whole(sample):
     diagnostics = eval_diagnostics("u2s", sample["clips"])
-    fig = figures.u2s_figures(diagnostics, sample, NAMES, GROUPS)["u2s_csm"]
+    fig = method_spec("u2s").draw(diagnostics, sample, NAMES, GROUPS)["u2s_csm"]
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == len(NAMES) and all(whole_words(lbl, NAMES) for lbl in labels)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finegrain.models import build_model
+from finegrain.models import build_model, method_options
 from finegrain.models.joint_attn import (
     PAPER_GRID,
     JointLSTMCell,
@@ -269,11 +269,42 @@ def test_ablation_switches_build_and_run(options):
         ({"init_state": "random"}, "init_state"),
         ({"lstm_loss": "last"}, "lstm_loss"),
         ({"dropout": 1.0}, "dropout"),
+        ({"levels": (True,)}, "levels"),
+        ({"levels": (1.0,)}, "levels"),
+        ({"grid": 4.0}, "grid"),
+        ({"reg_detach": 1}, "reg_detach"),
+        ({"lam_warmup_epochs": -1.0}, "lam_warmup_epochs"),
+        ({"predict": "mean"}, "predict"),
+        ({"heads": 2}, "heads: not an option of method 'joint_attn'"),
     ],
 )
 def test_bad_options_fail_fast(options, field):
     with pytest.raises(ValueError, match=field):
         build_model("joint_attn", K, "tiny", **options)
+
+
+def test_options_and_their_defaults():
+    assert method_options("joint_attn") == {
+        "levels": (-2, -1),
+        "grid": 7,
+        "channels": 256,
+        "convnet": "3d",
+        "fusion": "late",
+        "hidden": 256,
+        "lstm_layers": 2,
+        "predict_steps": 0,
+        "predict": "softmax",
+        "attention_reg": True,
+        "lam": 15.0,
+        "reg_detach": True,
+        "lam_warmup_epochs": 1.0,
+        "deep_supervision": True,
+        "ds_weight": 1.0,
+        "pyramid": True,
+        "init_state": "mean",
+        "lstm_loss": "every_step",
+        "dropout": 0.5,
+    }
 
 
 # --- on real clips through the project's pretrained backbone (METHODS.md, revised) ----------

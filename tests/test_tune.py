@@ -31,15 +31,16 @@ import yaml
 from helpers import MlflowUI
 from mlflow.tracking import MlflowClient
 
+from finegrain.models import METHODS
 from finegrain.platform import tracking
 from finegrain.platform.config import ConfigError, load_config
 from finegrain.platform.sweeps import close_stopped_children
 from finegrain.platform.tune import (
-    DEFAULT_SPACES,
     DefineByRun,
     _resolve_resume,
     apply_params,
     check_space,
+    default_space,
     load_space,
     optuna_searcher,
 )
@@ -154,9 +155,9 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
     assert study.trials[1].value == 0.4
 
 
-@pytest.mark.parametrize("method", sorted(DEFAULT_SPACES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_default_spaces_convert_and_their_bounds_validate_for_their_method(method):
-    space = check_space(DEFAULT_SPACES[method])
+    space = check_space(default_space(method))
     base = load_config("tune_synthetic", [f"model.method={method}"]).model_dump(mode="json")
     base["model"] = {"method": method, "backbone": "tiny"}  # only the method's own options
     for end in ("low", "high"):
@@ -202,17 +203,17 @@ def test_apply_params_rejects_invalid_values_naming_the_field():
     base = load_config("tune_synthetic").model_dump(mode="json")
     with pytest.raises(ConfigError, match="optim.lr"):
         apply_params(base, {"optim.lr": -1.0})
-    with pytest.raises(ConfigError, match="model.neurons: expected int"):
+    with pytest.raises(ConfigError, match="model.neurons: Input should be a valid integer"):
         apply_params(base, {"model.neurons": 2.5})
     with pytest.raises(ConfigError, match="model.bogus: not an option of method 'dsts'"):
         apply_params(base, {"model.bogus": 1})
 
 
 def test_load_space_reads_yaml_with_or_without_the_space_key(tmp_path):
-    assert load_space(None, "u2s") is DEFAULT_SPACES["u2s"]
+    assert load_space(None, "u2s") == default_space("u2s")
     adamw = load_space(None, "u2s", "adamw")
-    assert adamw["optim.lr"]["high"] <= 0.01 < DEFAULT_SPACES["u2s"]["optim.lr"]["high"]
-    assert adamw.keys() == DEFAULT_SPACES["u2s"].keys()
+    assert adamw["optim.lr"]["high"] <= 0.01 < default_space("u2s")["optim.lr"]["high"]
+    assert adamw.keys() == default_space("u2s").keys()
     wrapped, bare, empty = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
     wrapped.write_text(yaml.safe_dump({"space": SPACE}))
     bare.write_text(yaml.safe_dump(SPACE))

@@ -1,66 +1,102 @@
 """Models: backbones with stage access, the one-pass baseline and the five methods.
 
-``build_model(method, num_classes, backbone="tiny", **options)`` is the one entry point. Each
-method lives in its own module, which defines ``build(num_classes, backbone, **options)``; the
-keyword arguments of that function are the method's options (ablation switches included).
+The registry: each method is a package ``finegrain/models/<method>/`` whose ``SPEC``
+(:class:`~finegrain.models.spec.MethodSpec`) holds its options, builder, search space, ablation
+suite and pictures. A method is registered by the module path of that package, imported only when
+the method is used. ``build_model(method, num_classes, backbone="tiny", **options)`` is the one
+entry point; :func:`register` adds a method (a seventh one needs no other edit).
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
+import os
 
 from finegrain.models.backbones import BACKBONES, Backbone, build_backbone
 from finegrain.models.base import FineGrainModel, ModelOutput, TrainingStage
+from finegrain.models.spec import MethodSpec, parse_options
 
-METHODS = {
-    "onepass": "finegrain.models.onepass",
-    "dsts": "finegrain.models.dsts",
-    "u2s": "finegrain.models.u2s",
-    "dfb": "finegrain.models.dfb",
-    "classreg": "finegrain.models.classreg",
-    "joint_attn": "finegrain.models.joint_attn",
-}
+METHODS: dict[str, str] = {}  # method name -> the module that defines its SPEC
+BASELINE = "onepass"  # the row every comparison is made against
 BACKBONE_OPTIONS = ("weights", "keep_time", "width")
 
 __all__ = [
     "BACKBONES",
+    "BASELINE",
     "METHODS",
     "Backbone",
     "FineGrainModel",
+    "MethodSpec",
     "ModelOutput",
     "TrainingStage",
     "build_backbone",
     "build_model",
     "method_options",
+    "method_spec",
+    "register",
 ]
+
+
+ENV = "FINEGRAIN_METHODS"  # methods registered at run time: "name=module,..." (see register)
+
+
+def register(name: str, module: str) -> None:
+    """Register method ``name``, whose ``SPEC`` lives in ``module`` (imported on first use).
+
+    A method registered at run time (outside this file) is also written to ``$FINEGRAIN_METHODS``,
+    which processes started later inherit and the cluster passes to every Ray worker, so a trainer
+    or a trial on another process finds it too (``module`` must be importable there).
+    """
+    if not name.isidentifier() or not module:
+        raise ValueError(f"register({name!r}, {module!r}): a method name is an identifier")
+    METHODS[name] = module
+    if module != f"{__name__}.{name}":
+        added = dict(item.split("=", 1) for item in os.environ.get(ENV, "").split(",") if item)
+        os.environ[ENV] = ",".join(f"{k}={v}" for k, v in {**added, name: module}.items())
+
+
+register("onepass", "finegrain.models.onepass")
+register("dsts", "finegrain.models.dsts")
+register("u2s", "finegrain.models.u2s")
+register("dfb", "finegrain.models.dfb")
+register("classreg", "finegrain.models.classreg")
+register("joint_attn", "finegrain.models.joint_attn")
+for _item in filter(None, os.environ.get(ENV, "").split(",")):  # registered by a parent process
+    register(*_item.split("=", 1))
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The registered method's :class:`MethodSpec`; unknown → ``ValueError`` listing them."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    spec = importlib.import_module(METHODS[method]).SPEC
+    if spec.name != method:
+        raise ValueError(f"{METHODS[method]}.SPEC is named {spec.name!r}, registered as {method!r}")
+    return spec
 
 
 def method_options(method: str) -> dict[str, object]:
     """The options ``method`` accepts, with their defaults."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    build = importlib.import_module(METHODS[method]).build
-    params = list(inspect.signature(build).parameters.values())[2:]  # after num_classes, backbone
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    return method_spec(method).defaults()
 
 
 def build_model(method: str, num_classes: int, backbone: str = "tiny", **options) -> FineGrainModel:
     """Build ``method`` on ``backbone`` for ``num_classes`` classes.
 
-    Backbone options (``weights=PATH``, ``keep_time``, ``width``) go to the backbone; the rest to
-    the method. Unknown method, backbone or option → ``ValueError`` listing the valid ones.
+    Backbone options (``weights=PATH``, ``keep_time``, ``width``) go to the backbone; the rest are
+    the method's options, validated by its ``Options``. Unknown method, backbone or option →
+    ``ValueError`` listing the valid ones.
     """
-    valid = method_options(method)
+    spec = method_spec(method)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    unknown = sorted(set(options) - set(valid) - set(BACKBONE_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method {method!r}; valid: "
-            f"{', '.join(sorted(valid)) or '(none)'}; backbone options: {', '.join(BACKBONE_OPTIONS)}"
-        )
     bb_opts = {k: options.pop(k) for k in BACKBONE_OPTIONS if k in options}
+    opts = parse_options(method, spec.options, options)
     net = build_backbone(backbone, **bb_opts)
-    net.check_method(method)
-    return importlib.import_module(METHODS[method]).build(num_classes, net, **options)
+    if spec.needs_stages and not net.has_stages:
+        raise ValueError(
+            f"method {method!r} needs CNN stages that backbone {backbone!r} does not have; "
+            f"{backbone!r} serves only methods that read the final tokens "
+            f"({', '.join(m for m in METHODS if not method_spec(m).needs_stages)})"
+        )
+    return spec.build(num_classes, net, opts)

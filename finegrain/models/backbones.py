@@ -22,7 +22,7 @@ Last-stage size for an input ``(B, 3, T, H, W)`` (T, H, W divisible by the strid
 tokens inside attention and carry a class token between blocks, so it exposes no intermediate
 feature maps: it is one stage (its final tokens without the class token, reshaped to
 ``(B, 768, T, H, W)``), and methods that need several stages fail with a clear message
-(:meth:`Backbone.check_method`).
+(``Backbone.has_stages`` is False; the registry checks each method's ``needs_stages``).
 
 DSTS's temporal operator needs ``T >= 4`` in the last stage (METHODS.md): with 8-frame clips use
 ``keep_time=True`` (ResNet family: removes the temporal stride of the last two stages; weights
@@ -49,9 +49,6 @@ from torch import Tensor, nn
 from torchvision.models import video as tvv
 from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
 
-ALL_METHODS = ("onepass", "dsts", "u2s", "dfb", "classreg", "joint_attn")
-TOKEN_METHODS = ("onepass", "dsts")
-
 
 class Backbone(nn.Module):
     """stem → stages; forward returns the list of stage outputs (channels-first).
@@ -67,14 +64,16 @@ class Backbone(nn.Module):
         stem: nn.Module,
         stages: list[nn.Module],
         stage_channels: list[int],
-        methods: tuple[str, ...] = ALL_METHODS,
+        has_stages: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         self.stage_channels = tuple(stage_channels)
-        self.methods = methods
+        # False: one token stage with no intermediate feature maps (MViT); methods whose spec
+        # says ``needs_stages`` refuse it
+        self.has_stages = has_stages
         self.torchvision_keys: dict[str, str] = {}
         self.torchvision_ignored: tuple[str, ...] = ()
 
@@ -89,13 +88,6 @@ class Backbone(nn.Module):
             x = stage(x)
             outs.append(x)
         return outs
-
-    def check_method(self, method: str) -> None:
-        if method not in self.methods:
-            raise ValueError(
-                f"method {method!r} needs CNN stages that backbone {self.name!r} does not have; "
-                f"{self.name!r} supports: {', '.join(self.methods)}"
-            )
 
 
 def _wrap(backbone: Backbone, net: nn.Module) -> Backbone:
@@ -247,7 +239,9 @@ def mvit(net: tvv.MViT, name: str) -> Backbone:
     if net.pos_encoding.spatial_pos is not None:
         raise ValueError(f"{name}: only MViT with relative position embeddings (v2) is supported")
     stage = _MViTTokens(net.pos_encoding, net.blocks, net.norm)
-    backbone = Backbone(name, net.conv_proj, [stage], [net.norm.normalized_shape[0]], TOKEN_METHODS)
+    backbone = Backbone(
+        name, net.conv_proj, [stage], [net.norm.normalized_shape[0]], has_stages=False
+    )
     return _wrap(backbone, net)
 
 

@@ -28,13 +28,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finegrain.models import method_options
+from finegrain.models import BASELINE, METHODS, method_options, method_spec
+from finegrain.models.spec import Suite, Variant
+from finegrain.models.spec import variant as _variant
 from finegrain.platform import tracking
 from finegrain.platform.config import (
     ConfigError,
@@ -49,189 +51,52 @@ DEFAULT_CONFIG = "tune_synthetic"  # tiny backbone (width 8), 48 px, 8 frames, 4
 # ---------------------------------------------------------------------------------- suites
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One row: ``overrides`` on the suite's base config.
-
-    ``paper``: the row's name in the paper; ``table``: the paper table(s) it belongs to.
-    ``evaluates``: for an evaluation-only row, the trained variant whose final checkpoint is
-    evaluated with ``overrides`` applied on top of that variant's config.
-    """
-
-    name: str
-    overrides: dict[str, Any]
-    paper: str
-    table: str
-    evaluates: str | None = None
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    method: str  # the base config's method (rows may switch it: the one-pass baseline)
-    title: str
-    variants: tuple[Variant, ...] = field(default_factory=tuple)
-
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise ConfigError(
-            f"--variants {name!r}: not a variant of suite {self.name!r}; "
-            f"valid: {', '.join(v.name for v in self.variants)}"
-        )
-
-
-ONEPASS = {"model.method": "onepass"}
-
-
-def _v(name, overrides, paper, table, evaluates=None) -> Variant:
-    return Variant(name, dict(overrides), paper, table, evaluates)
-
-
-def _fuse(names: str) -> Variant:
-    """U2S Table I: the average of a subset of the full model's predictions (evaluation)."""
-    parts = names.split(",")
-    return _v("_".join(parts), {"model.fuse": names}, " + ".join(parts), "I", evaluates="full")
-
-
-SUITES: dict[str, Suite] = {
-    s.name: s
-    for s in (
-        Suite(
-            "dsts",
-            "dsts",
-            "DSTS Tables 3–7 (STS, synapse mechanism, UDL, N, L)",
-            (
-                _v("onepass", ONEPASS, "Baseline (one-pass)", "4"),
-                _v("full", {}, "DSTS (w/ STS, w/ synapse, w/ UDL; N=10, L=3)", "3–7"),
-                _v("conv3d", {"model.sts": "conv3d"}, "DSTS w/o STS (3D conv)", "3"),
-                _v("fixed_halves", {"model.sts": "fixed_halves"}, "DSTS w/o Gates", "3"),
-                _v("average_all", {"model.synapse": "average_all"}, "w/o Synapse Mechanism", "4"),
-                _v("no_udl", {"model.udl": False}, "DSTS w/o UDL", "5"),
-                _v("n5", {"model.neurons": 5}, "N = 5", "6"),
-                _v("n15", {"model.neurons": 15}, "N = 15", "6"),
-                _v("l1", {"model.layers": 1}, "L = 1", "7"),
-                _v("l5", {"model.layers": 5}, "L = 5", "7"),
-                # the decisions METHODS.md revised, each back to its old value
-                _v("impulse_sum", {"model.impulse": "sum"}, "raw impulse sum (Eq. 2)", "rev."),
-                _v("gates_small", {"model.gate_init": "small"}, "gate logits 0.01·randn", "rev."),
-                _v(
-                    "udl_fixed",
-                    {"model.udl_alpha": "fixed"},
-                    "UDL with α = 0.01 and a separate SGD for u",
-                    "rev.",
-                ),
-            ),
-        ),
-        Suite(
-            "u2s",
-            "u2s",
-            "U2S Tables I–III (prediction fusion, category regularization, mask network)",
-            (
-                _v("onepass", ONEPASS, "One-Pass Universal", "I, III"),
-                _fuse("universal"),
-                _fuse("bridge"),
-                _fuse("specific"),
-                _fuse("universal,bridge"),
-                _fuse("universal,specific"),
-                _fuse("bridge,specific"),
-                _v("full", {}, "a) U2S (universal + bridge + specific)", "I, II, III"),
-                _v(
-                    "no_category_reg",
-                    {"model.category_reg": False},
-                    "w/o category regularization",
-                    "II",
-                ),
-                _v("simple", {"model.mask": "own_class_only"}, "b) U2S (simple)", "III"),
-                _v("soft_csm", {"model.csm": "soft"}, "c) U2S (soft CSM)", "III"),
-                _v("no_mask_network", {"model.mask_network": False}, "d) U2S − MN", "III"),
-                _v("oracle", {"model.oracle": True}, "f) U2S (oracle)", "III", evaluates="full"),
-                _v(
-                    "old_schedule",
-                    {"model.stage_shares": [0.4, 0.4, 0.2], "optim.warmup_every_stage": True},
-                    "stages 0.4/0.4/0.2, warm-up in every stage",
-                    "rev.",
-                ),
-                _v("confusers_5", {"model.confusers": 5}, "5 confusers per class", "rev."),
-            ),
-        ),
-        Suite(
-            "dfb",
-            "dfb",
-            "DFB Table 1 (global branch, discriminative filters, local branch)",
-            (
-                _v("gb", {"model.branches": "gb"}, "GB (baseline)", "1"),
-                _v("gb_df", {"model.branches": "gb_df"}, "GB + DF", "1"),
-                _v("gb_df_lb", {"model.branches": "gb_df_lb"}, "GB + DF + LB", "1"),
-            ),
-        ),
-        Suite(
-            "classreg",
-            "classreg",
-            "ClassReg on/off and the affection rate γ",
-            (
-                _v("off", {"model.stages": 0}, "w/o Class Regularization (one-pass)", "—"),
-                _v("full", {}, "ClassReg, γ = 0.1, 0.2, 0.3, 0.4 (grows with depth)", "—"),
-                _v("gamma_0.1", {"model.gamma": 0.1}, "ClassReg, γ = 0.1 at every stage", "—"),
-                _v("gamma_0.4", {"model.gamma": 0.4}, "ClassReg, γ = 0.4 at every stage", "—"),
-                _v("no_warmup", {"model.gamma_warmup_epochs": 0}, "γ without warm-up", "rev."),
-                _v("all_stages", {"model.min_channels": 0}, "blocks on every stage", "rev."),
-            ),
-        ),
-        Suite(
-            "joint_attn",
-            "joint_attn",
-            "JointAttn Table 4 (early vs late fusion) and the attention regularization",
-            (
-                _v("full", {}, "late fusion, w/ attention reg. (λ calibrated: 20)", "4"),
-                _v("early", {"model.fusion": "early"}, "early fusion", "4"),
-                _v(
-                    "no_attention_reg",
-                    {"model.attention_reg": False},
-                    "late fusion, w/o attention reg.",
-                    "—",
-                ),
-                _v(
-                    "paper_lam",
-                    {"model.lam": 1000.0, "model.reg_detach": False, "model.lam_warmup_epochs": 0},
-                    "the paper's λ = 1000 into the backbone, no warm-up",
-                    "rev.",
-                ),
-                _v("votes", {"model.predict": "votes"}, "prediction by votes (§3.5)", "—"),
-            ),
-        ),
-        Suite(
-            "methods",
-            "onepass",
-            "Every method with its defaults vs the one-pass baseline, on the same data",
-            tuple(
-                _v(m, {"model.method": m}, "one-pass baseline" if m == "onepass" else m, "—")
-                for m in ("onepass", "dsts", "u2s", "dfb", "classreg", "joint_attn")
-            ),
-        ),
+def suites() -> dict[str, Suite]:
+    """Every registered method's suite (its paper's tables, defined in the method's package),
+    then ``methods``: every method with its defaults against the baseline, on the same data."""
+    found = {}
+    for method in METHODS:
+        suite = method_spec(method).suite
+        if suite is not None:
+            found[suite.name] = suite
+    found["methods"] = Suite(
+        "methods",
+        BASELINE,
+        "Every method with its defaults vs the one-pass baseline, on the same data",
+        tuple(_variant(m, {"model.method": m}, method_spec(m).title, "—") for m in METHODS),
     )
-}
-SUITE_CHOICES = (*SUITES, "all")
+    return found
+
+
+def suite_choices() -> tuple[str, ...]:
+    return (*suites(), "all")
 
 
 def get_suite(name: str) -> Suite:
-    if name not in SUITES:
-        raise ConfigError(f"--suite {name!r}: unknown suite; valid: {', '.join(SUITE_CHOICES)}")
-    return SUITES[name]
+    found = suites()
+    if name not in found:
+        raise ConfigError(f"--suite {name!r}: unknown suite; valid: {', '.join(suite_choices())}")
+    return found[name]
 
 
 def suite_names(name: str) -> list[str]:
     """``all`` → every suite; else the one suite (checked)."""
-    return list(SUITES) if name == "all" else [get_suite(name).name]
+    return list(suites()) if name == "all" else [get_suite(name).name]
+
+
+def _row(suite: Suite, name: str) -> Variant:
+    try:
+        return suite.variant(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def select(suite: Suite, names: Sequence[str] | None = None) -> list[Variant]:
     """The chosen variants in suite order; an evaluation-only row brings its trained variant."""
     if not names:
         return list(suite.variants)
-    wanted = {suite.variant(n).name for n in names}
-    wanted |= {suite.variant(n).evaluates for n in names if suite.variant(n).evaluates}
+    wanted = {_row(suite, n).name for n in names}
+    wanted |= {_row(suite, n).evaluates for n in names if _row(suite, n).evaluates}
     return [v for v in suite.variants if v.name in wanted]
 
 
@@ -279,7 +144,7 @@ def variant_config(
     """
     overrides = dict(variant.overrides)
     if variant.evaluates:
-        overrides = {**suite.variant(variant.evaluates).overrides, **overrides}
+        overrides = {**_row(suite, variant.evaluates).overrides, **overrides}
     raw = base.model_dump(mode="json")
     method = overrides.get("model.method", raw["model"]["method"])
     if method != raw["model"]["method"]:
@@ -486,7 +351,7 @@ def check_existing(
 
 
 def _evaluates(suite: Suite, key: tuple[str, int]) -> bool:
-    return suite.variant(key[0]).evaluates is not None
+    return _row(suite, key[0]).evaluates is not None
 
 
 def _finished_runs(
@@ -613,7 +478,7 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
     while queue or pending:
         while queue and len(pending) < max_concurrent:
             key = queue.pop(0)
-            cfg, variant = runs[key], suite.variant(key[0])
+            cfg, variant = runs[key], _row(suite, key[0])
             trained = runs[(variant.evaluates, key[1])]
             trained_id, status = _run_status(uri, trained)
             try:

@@ -52,7 +52,10 @@ def connect(
     from finegrain.platform.tracking import script_name
 
     source = script_name(sys.argv[0] if sys.argv else "")
-    env = {"worker_process_setup_hook": hook, "env_vars": {"FINEGRAIN_SOURCE": source}}
+    env_vars = {"FINEGRAIN_SOURCE": source}
+    if os.environ.get("FINEGRAIN_METHODS"):  # methods registered at run time (models.register)
+        env_vars["FINEGRAIN_METHODS"] = os.environ["FINEGRAIN_METHODS"]
+    env = {"worker_process_setup_hook": hook, "env_vars": env_vars}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # (Ray merges this with the runtime env `ray job submit` gave the job)
         ray.init(

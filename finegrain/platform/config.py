@@ -4,7 +4,7 @@ One :class:`ExperimentConfig` with sections ``data``, ``model``, ``optim``, ``ev
 ``tracking`` and ``run``. It is loaded from a YAML file (a path, or a name in
 ``experiments/configs/``), then overridden with ``--set section.field=value`` pairs (values are
 parsed as YAML: ``0.01``, ``true``, ``[0.1, 0.2]``). The ``model`` section takes the method's own
-options (``model.neurons=12`` for DSTS), checked against ``finegrain.models.method_options``.
+options (``model.neurons=12`` for DSTS), validated by the method's own ``Options`` (its spec in ``finegrain.models``).
 
 Validation uses pydantic (already a Ray dependency) with ``extra="forbid"``; every problem becomes
 one line naming the field and what is allowed, collected in :class:`ConfigError`.
@@ -17,9 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from finegrain.models import BACKBONES, METHODS, method_options
+from finegrain.models import BACKBONES, BASELINE, METHODS, method_options, method_spec
+from finegrain.models.spec import describe_options_error
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 DATASETS = ("synthetic", "ssv2", "diving48", "ucf101", "hmdb51", "kinetics")
@@ -94,13 +102,22 @@ class ModelConfig(BaseModel):
     """method + backbone + the method's own options (flat: ``model.neurons``)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    method: Literal[tuple(METHODS)] = "onepass"  # type: ignore[valid-type]
+    method: str = BASELINE  # a registered method (finegrain.models.METHODS)
     backbone: Literal[tuple(BACKBONES)] = "tiny"  # type: ignore[valid-type]
     # a local state-dict file for the backbone (a relative path: from the working directory,
     # else from the project root, where the project's own pretrained weights live)
     weights: str | None = None
     keep_time: bool = False  # ResNet family: no temporal stride in the last two stages
     width: int | None = Field(None, ge=2, le=256)  # tiny backbone: width of its first stage
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(
+                f"model.method: {method!r} is not a method; valid: {', '.join(METHODS)}"
+            )
+        return method
 
     @model_validator(mode="after")
     def _method_options(self):
@@ -109,14 +126,12 @@ class ModelConfig(BaseModel):
                 f"model.width applies to the tiny backbone, not {self.backbone!r} "
                 "(the synthetic configs set it: add model.width=null)"
             )
-        valid = method_options(self.method)
-        for key, value in (self.model_extra or {}).items():
-            if key not in valid:
-                raise ValueError(
-                    f"model.{key}: not an option of method {self.method!r}; "
-                    f"valid: {', '.join(sorted(valid)) or '(none)'}"
-                )
-            _check_type(f"model.{key}", value, valid[key])
+        spec = method_spec(self.method)
+        try:
+            spec.options(**(self.model_extra or {}))  # the method's own validation, the only one
+        except ValidationError as error:
+            lines = describe_options_error(self.method, spec.options, error)
+            raise ValueError("; ".join(f"model.{line}" for line in lines)) from None
         return self
 
     def options(self) -> dict[str, Any]:
@@ -139,17 +154,6 @@ def weights_path(path: str) -> Path:
     if given.is_absolute() or given.exists():
         return given.absolute()
     return CONFIG_DIR.parents[1] / given
-
-
-def _check_type(field: str, value: Any, default: Any) -> None:
-    if default is None or isinstance(default, str | tuple | list):
-        return  # the method's own build() validates strings and sequences
-    kind = type(default)
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        raise ValueError(f"{field}: expected {kind.__name__} (default {default!r}), got {value!r}")
 
 
 class OptimConfig(_Section):

@@ -1,11 +1,9 @@
-"""Pictures and tables logged to MLflow: confusion matrix, per-class accuracy, method diagnostics.
+"""Pictures and tables logged to MLflow: confusion matrix, per-class accuracy, and the house style
+and helpers every method's diagnostics pictures share.
 
-Method diagnostics pictures (one function per method, from ``ModelOutput.diagnostics`` of the
-first validation batch, model in eval mode): DSTS neuron-selection histogram and temporal-gate
-share per neuron (split by the synthetic benchmark's spatial/temporal classes), U2S CSM heatmap
-and masks, DFB max-response boxes on a few frames, JointAttn attention overlays.
-
-``sample`` is ``{"clips": uint8 (b, T, H, W, 3), "labels": (b,)}`` for the first b <= 4 clips of
+Each method draws its own diagnostics (``finegrain/models/<method>/figures.py``, named by its
+spec's ``figures``), from ``ModelOutput.diagnostics`` of the first validation batch, model in eval
+mode; :func:`method_figures` calls it. ``sample`` is ``{"clips": uint8 (b, T, H, W, 3), "labels": (b,)}`` for the first b <= 4 clips of
 that batch (the cropped model input), optionally with ``"all_labels"``: the labels of the whole
 batch, aligned with per-sample diagnostics. Every function returns ``{name: Figure}`` and skips
 (never raises on) a picture whose diagnostics are missing.
@@ -20,15 +18,12 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import textwrap
-from collections import Counter
 from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.patheffects as pe  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +31,6 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 SUBTLETY_COLOURS = {"spatial": "tab:blue", "temporal": "tab:orange", "other": "tab:gray"}
 DPI = 150  # dots per inch: figures are made (and so saved) at this resolution
@@ -50,9 +44,6 @@ MAX_COLUMNS = 4  # time steps shown per clip
 MAX_TICK_LABELS = 60  # beyond this many classes a heatmap shows indices, not names
 MAX_COUNT_CLASSES = 30  # beyond this many classes the confusion matrix has no counts in its cells
 GROUP_EDGE = "darkorange"  # outline of same-group cells (not in the "Blues" colour map)
-TRUE_BOX, STRONGEST_BOX = "magenta", "cyan"  # DFB boxes, outlined in black: rare in videos
-BOX_OUTLINE = [pe.Stroke(linewidth=4, foreground="black"), pe.Normal()]
-DSTS_KEY = re.compile(r"dsts/layer(\d+)/(\w+)")
 
 
 def close_all() -> None:
@@ -138,17 +129,15 @@ def _np(x):
 
 
 def method_figures(method: str, diagnostics, sample, names, class_groups) -> dict:
-    """``{name: Figure}`` for ``method``'s diagnostics (empty when it has none)."""
-    fn = {
-        "dsts": dsts_figures,
-        "u2s": u2s_figures,
-        "dfb": dfb_figures,
-        "joint_attn": joint_attn_figures,
-    }.get(method)
-    if fn is None or not diagnostics:
+    """``{name: Figure}`` for ``method``'s diagnostics, drawn by the method's own figures module
+    (its spec's ``figures``); empty when it has none."""
+    from finegrain.models import method_spec
+
+    spec = method_spec(method)
+    if not spec.figures or not diagnostics:
         return {}
     try:
-        return fn(diagnostics, sample or {}, list(names or []), class_groups or {})
+        return spec.draw(diagnostics, sample or {}, list(names or []), class_groups or {})
     except (KeyError, ValueError, IndexError, TypeError) as e:  # a picture must never kill a run
         print(f"warning: could not draw {method} diagnostics: {e}", flush=True)
         return {}
@@ -373,13 +362,6 @@ def _subtlety(names: Sequence[str], class_groups: dict, i: int) -> str:
     return kind if kind in ("spatial", "temporal") else "other"
 
 
-def _colour_ticks(labels, names: Sequence[str], class_groups: dict) -> None:
-    for lbl, name in zip(labels, names):
-        kind = class_groups.get(name, {}).get("subtlety")
-        if kind in SUBTLETY_COLOURS:
-            lbl.set_color(SUBTLETY_COLOURS[kind])
-
-
 def _clip_rows(headings: Sequence[str], ncols: int, title_lines: int = 1, extra: float = 0.0):
     """A figure with, per clip, a full-width heading (horizontal, wrapped between words) over a
     row of ``ncols`` image panels (titles of ``title_lines`` lines); ``extra`` inches of width
@@ -399,418 +381,3 @@ def _clip_rows(headings: Sequence[str], ncols: int, title_lines: int = 1, extra:
         for c in range(ncols):
             axes[r, c] = fig.add_subplot(grid[2 * r + 1, c])
     return fig, axes
-
-
-# --- DSTS -------------------------------------------------------------------------------------
-def dsts_figures(diagnostics, sample, names, class_groups) -> dict:
-    """Per layer: how often each neuron is selected, and each neuron's temporal share.
-
-    Reads ``dsts/layer{j}/selected`` (N,) counts, ``dsts/layer{j}/temporal_share`` (N,) and,
-    when the model provides it, ``dsts/layer{j}/selection`` (B,): each clip's selected neuron.
-    With that and the synthetic benchmark's groups, the selection bars are split into
-    spatial-subtle / temporal-subtle clips (share of each group's clips) and the temporal-share
-    panel marks the mean temporal share of the neurons each group's clips went through.
-    """
-    layers: dict[int, dict[str, np.ndarray]] = {}
-    for key, value in diagnostics.items():
-        m = DSTS_KEY.fullmatch(str(key))
-        if m:
-            layers.setdefault(int(m[1]), {})[m[2]] = _np(value).reshape(-1)
-    figs = {}
-    selected = {j: d for j, d in sorted(layers.items()) if "selected" in d or "selection" in d}
-    if selected:
-        figs["dsts_neuron_selection"] = _dsts_selection(selected, sample, names, class_groups)
-    shared = {j: d for j, d in sorted(layers.items()) if "temporal_share" in d}
-    if shared:
-        figs["dsts_temporal_share"] = _dsts_temporal_share(shared, sample, names, class_groups)
-    return figs
-
-
-def _layer_axes(count: int, neurons: int):
-    cols = min(count, 3)
-    rows = math.ceil(count / cols)
-    width = min(12.0, max(5.0, cols * max(2.8, 0.8 + 0.25 * neurons)))
-    fig, axes = _subplots(rows, cols, figsize=(width, 0.8 + 2.4 * rows), squeeze=False)
-    for ax in axes.ravel()[count:]:
-        ax.set_visible(False)
-    return fig, axes.ravel()
-
-
-def _neuron_axis(ax, n: int) -> None:
-    """Neuron indices on the x axis (every few when they would not fit), shares on y."""
-    width = ax.figure.get_figwidth() / min(3, len(ax.figure.axes)) - 0.5
-    step = _nice_step(n * 0.25 / max(width, 0.5))
-    ax.set_xticks(range(0, n, step), [str(i) for i in range(0, n, step)])
-    ax.set_xlabel("neuron", fontsize=TEXT_PT)
-    ax.set_ylim(0, 1.05)
-    ax.tick_params(labelsize=TEXT_PT)
-
-
-def _selection_of(d: dict[str, np.ndarray]) -> np.ndarray | None:
-    return d["selection"].astype(np.int64) if "selection" in d else None
-
-
-def _neurons(d: dict[str, np.ndarray]) -> int:
-    n = max(len(d.get("selected", ())), len(d.get("temporal_share", ())))
-    sel = _selection_of(d)
-    return max(n, int(sel.max()) + 1 if sel is not None and len(sel) else 0, 1)
-
-
-def _dsts_selection(layers, sample, names, class_groups):
-    n_max = max(_neurons(d) for d in layers.values())
-    fig, axes = _layer_axes(len(layers), n_max)
-    for ax, (j, d) in zip(axes, layers.items()):
-        n = _neurons(d)
-        sel = _selection_of(d)
-        kinds = _subtlety_per_clip(sample, names, class_groups, sel)
-        x = np.arange(n)
-        if kinds:
-            present = [k for k in ("spatial", "temporal", "other") if k in kinds]
-            width = 0.8 / len(present)
-            for g, kind in enumerate(present):
-                mask = np.array([k == kind for k in kinds])
-                share = np.bincount(sel[mask], minlength=n)[:n] / mask.sum()
-                ax.bar(
-                    x - 0.4 + width * (g + 0.5),
-                    share,
-                    width,
-                    color=SUBTLETY_COLOURS[kind],
-                    label=f"{kind}-subtle classes ({mask.sum()} clips)",
-                )
-            total = len(sel)
-        else:
-            counts = np.bincount(sel, minlength=n)[:n] if sel is not None else d["selected"]
-            total = max(int(counts.sum()), 1)
-            ax.bar(x, counts / total, 0.7, color="tab:green")
-        ax.set_title(f"layer {j} ({total} clips)", fontsize=TEXT_PT + 1)
-        _neuron_axis(ax, n)
-    axes[0].set_ylabel("share of clips", fontsize=TEXT_PT)
-    handles, _ = axes[0].get_legend_handles_labels()
-    _title(fig, "Which DSTS neuron each validation clip is routed to")
-    caption = (
-        "First validation batch, model in evaluation mode (each clip goes through the neuron "
-        "with the largest impulse). Bars: share of the clips that select each neuron"
-    )
-    if handles:
-        caption += (
-            ", counted within each class group (classes that differ in appearance: "
-            "spatial-subtle; in motion: temporal-subtle)"
-        )
-    _footer(fig, caption + ".", handles)
-    return fig
-
-
-def _dsts_temporal_share(layers, sample, names, class_groups):
-    n_max = max(_neurons(d) for d in layers.values())
-    fig, axes = _layer_axes(len(layers), n_max)
-    for ax, (j, d) in zip(axes, layers.items()):
-        share = d["temporal_share"]
-        x = np.arange(len(share))
-        sel = _selection_of(d)
-        used = None
-        if sel is not None:
-            used = np.bincount(sel, minlength=len(share))[: len(share)] > 0
-        elif "selected" in d and len(d["selected"]) == len(share):
-            used = d["selected"] > 0
-        alpha = np.where(used, 1.0, 0.35) if used is not None else np.ones(len(share))
-        for i in x:  # faded: no clip of the batch selected the neuron
-            ax.bar(i, share[i], 0.7, color="tab:purple", alpha=float(alpha[i]))
-        ax.axhline(0.5, color="gray", linestyle=":", linewidth=0.8)
-        kinds = _subtlety_per_clip(sample, names, class_groups, sel)
-        means = {}
-        if kinds is not None and len(sel) and sel.max() < len(share):
-            for kind in ("spatial", "temporal"):
-                mask = np.array([k == kind for k in kinds])
-                if mask.any():
-                    means[kind] = float(share[sel[mask]].mean())
-        _mean_lines(ax, means)
-        ax.set_title(f"layer {j}", fontsize=TEXT_PT + 1)
-        _neuron_axis(ax, len(share))
-    axes[0].set_ylabel("share of channels to temporal op", fontsize=TEXT_PT)
-    handles, _ = axes[0].get_legend_handles_labels()
-    _title(fig, "Share of each DSTS neuron's channels that go to its temporal operation")
-    caption = (
-        "Gates b = 1[g > 0] send a channel to the neuron's temporal op T_i (b = 1) or to its "
-        "spatial op S_i (b = 0); a bar is the mean of b over the channels. Faded bars: no clip "
-        "of the first validation batch selected the neuron; dotted grey line: half."
-    )
-    if handles:
-        caption += (
-            " Lines: mean share of the neurons that the clips of spatial-subtle (dashed) and "
-            "temporal-subtle (dotted) classes went through, values written beside them."
-        )
-    _footer(fig, caption, handles)
-    return fig
-
-
-def _mean_lines(ax, means: dict[str, float]) -> None:
-    """A line per class group at its mean temporal share, in its own style and with its value
-    written beside it: one above and one below its line when the two are close."""
-    styles = {"spatial": "--", "temporal": ":"}
-    close = len(means) == 2 and abs(means["spatial"] - means["temporal"]) < 0.1
-    high = max(means, key=means.get) if means else None
-    at_right = blended_transform_factory(ax.transAxes, ax.transData)
-    for kind, mean in means.items():
-        colour = SUBTLETY_COLOURS[kind]
-        ax.axhline(
-            mean,
-            color=colour,
-            linestyle=styles[kind],
-            linewidth=2,
-            label=f"mean over {kind}-subtle classes' clips",
-        )
-        below = close and kind != high
-        ax.text(
-            0.98,
-            mean,
-            f"{kind}-subtle {mean:.2f}",
-            transform=at_right,
-            ha="right",
-            va="top" if below else "bottom",
-            fontsize=TEXT_PT,
-            color=colour,
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
-        )
-
-
-# --- U2S --------------------------------------------------------------------------------------
-def u2s_figures(diagnostics, sample, names, class_groups) -> dict:
-    """The CSM (similarity S in colour, confusers C = 1 marked) and a few clips' masks.
-
-    Empty in stage 1 (UN-only mode: no CSM yet, no diagnostics).
-    """
-    figs = {}
-    if diagnostics.get("csm_similarity") is not None or diagnostics.get("csm") is not None:
-        figs["u2s_csm"] = _u2s_csm(diagnostics, names, class_groups)
-    if diagnostics.get("mask") is not None:
-        fig = _u2s_masks(diagnostics, sample, names)
-        if fig is not None:
-            figs["u2s_masks"] = fig
-    return figs
-
-
-def _u2s_csm(diagnostics, names, class_groups):
-    s, c = diagnostics.get("csm_similarity"), diagnostics.get("csm")
-    c = None if c is None else _np(c)
-    heat = _np(s) if s is not None else c
-    k = heat.shape[0]
-    labels, cell = _heatmap_layout(k, names, 0.2, 44)
-    fig, ax = _heatmap_figure(k, labels, cell)
-    off = heat[~np.eye(k, dtype=bool)]
-    # S of trained models often lies in a narrow band near 1: start the colours at its minimum.
-    vmin = min(max(math.floor(float(off.min()) * 10) / 10, 0.0), 0.9) if off.size else 0.0
-    im = ax.imshow(heat, cmap="viridis", vmin=vmin, vmax=1)
-    label = "similarity S (cosine of sparsity)" if s is not None else "confuser C"
-    fig.colorbar(im, ax=ax, fraction=0.04, label=label)
-    if c is not None and s is not None:
-        i, j = np.nonzero((c > 0.5) & ~np.eye(k, dtype=bool))
-        ax.scatter(j, i, marker="x", color="red", s=(0.35 * cell * 72) ** 2, linewidths=1)
-    _heatmap_ticks(ax, k, labels, cell)
-    coloured = bool(class_groups) and labels is not None and len(names) >= k
-    if coloured:
-        _colour_ticks(ax.get_xticklabels(), names, class_groups)
-        _colour_ticks(ax.get_yticklabels(), names, class_groups)
-    mc = diagnostics.get("mean_confusers")
-    if mc is not None:
-        mean = float(_np(mc).reshape(-1)[0])
-    elif c is not None:
-        mean = float(((c > 0.5).sum() - np.trace(c > 0.5)) / k)
-    else:
-        mean = float("nan")
-    _title(fig, f"Which classes U2S treats as confusable ({mean:.2f} confusers per class)")
-    caption = "Category similarity matrix (CSM) of the classes: "
-    if s is not None:
-        caption += "colour: similarity S of two classes (cosine of their feature sparsity)"
-        caption += "; ×: confuser pair, C = 1 (masked for each other)." if c is not None else "."
-    else:
-        caption += "colour: C = 1 where the column class is a confuser of the row class."
-    if coloured:
-        caption += " Names in blue: spatial-subtle, orange: temporal-subtle classes."
-    if labels is None:
-        caption += " Class indices as in eval/per_class_accuracy.csv."
-    _footer(fig, caption)
-    return fig
-
-
-def _u2s_masks(diagnostics, sample, names):
-    mask = _np(diagnostics["mask"])  # (B, T, H, W), sigmoid in (0, 1)
-    if mask.ndim != 4 or mask.shape[0] == 0:
-        return None
-    frames = _frames(sample)
-    labels = _labels(sample)
-    cls = diagnostics.get("mask_class")
-    cls = None if cls is None else _ints(cls).reshape(-1)
-    b = min(MAX_SAMPLES, mask.shape[0], len(frames) if frames is not None else MAX_SAMPLES)
-    cells = mask.shape[1]
-    cols = _columns(cells)
-    headings = []
-    for r in range(b):
-        true = _name(names, int(labels[r])) if labels is not None and r < len(labels) else "?"
-        chosen = _name(names, int(cls[r])) if cls is not None and r < len(cls) else "?"
-        headings.append(f"clip {r + 1} · true class: {true}\nmasked for the confusers of: {chosen}")
-    fig, axes = _clip_rows(headings, len(cols), extra=1.2)
-    for r in range(b):
-        for col, t in enumerate(cols):
-            ax = axes[r, col]
-            frame = None
-            title = f"mask step {t}"
-            if frames is not None:
-                start, stop = _span(t, frames.shape[1] / cells, frames.shape[1])
-                frame = frames[r, (start + stop - 1) // 2]
-                title = f"frames {start}–{stop - 1}"
-            _overlay(ax, frame, mask[r, t], 0.0, 1.0)
-            ax.set_title(title, fontsize=TEXT_PT)
-    _colorbar(fig, axes, 0.0, 1.0, "mask (sigmoid)")
-    _title(fig, "Where U2S masks the features of the predicted class's confusers")
-    _footer(
-        fig,
-        "Mask (sigmoid, 1 = kept) on the CSN features at each time step, stretched over the "
-        "middle frame of the step's frames; computed for the confusers (C = 1 in the CSM) of the "
-        "class the UN branch predicts.",
-    )
-    return fig
-
-
-# --- DFB --------------------------------------------------------------------------------------
-def dfb_figures(diagnostics, sample, names, class_groups) -> dict:
-    """Boxes where the true class's (magenta) and the strongest class's (cyan, dashed) filters
-    respond most, on the frames of the time cell that holds the maximum.
-
-    A box is the feature cell ``[coord·stride, (coord + 1)·stride)`` in input pixels / frames
-    (the receptive field is larger); "strongest" is the class with the largest max response.
-    """
-    thw, stride = diagnostics.get("max_response_thw"), diagnostics.get("feature_stride")
-    frames = _frames(sample)
-    if thw is None or stride is None or frames is None:
-        return {}
-    thw = _ints(thw)  # (B, K, 3)
-    stride = _np(stride).astype(float).reshape(-1)
-    value = diagnostics.get("max_response_value")
-    value = None if value is None else _np(value)
-    labels = _labels(sample)
-    b = min(MAX_SAMPLES, len(frames), thw.shape[0])
-    if b == 0 or thw.ndim != 3 or len(stride) != 3:
-        return {}
-    num_frames, height, width = frames.shape[1:4]
-    cells = max(1, round(num_frames / stride[0]))
-    per_row = []
-    for r in range(b):
-        boxes = []  # (class, colour, linestyle, role)
-        true = int(labels[r]) if labels is not None and r < len(labels) else -1
-        strongest = int(value[r].argmax()) if value is not None else -1
-        if 0 <= true < thw.shape[1]:
-            boxes.append((true, TRUE_BOX, "-", "true"))
-        if 0 <= strongest < thw.shape[1] and strongest != true:
-            boxes.append((strongest, STRONGEST_BOX, "--", "strongest"))
-        per_row.append(boxes)
-    columns = [_columns(cells, [int(thw[r, k, 0]) for k, *_ in per_row[r]]) for r in range(b)]
-    ncols = max(len(c) for c in columns)
-    headings = [
-        f"clip {r + 1}\n"
-        + "\n".join(
-            f"{'true class' if role == 'true' else 'strongest other class'}: {_name(names, k)}"
-            for k, _, _, role in boxes
-        )
-        if boxes
-        else f"clip {r + 1}: true class unknown"
-        for r, boxes in enumerate(per_row)
-    ]
-    # a panel's title: its frames, then a line per box in it (with values)
-    per_cell = [Counter(int(thw[r, k, 0]) for k, *_ in boxes) for r, boxes in enumerate(per_row)]
-    stacked = max(max(c.values(), default=0) for c in per_cell) if value is not None else 0
-    fig, axes = _clip_rows(headings, ncols, title_lines=1 + stacked)
-    for r, cols in enumerate(columns):
-        for col in range(ncols):
-            ax = axes[r, col]
-            if col >= len(cols):
-                ax.set_visible(False)
-                continue
-            start, stop = _span(cols[col], stride[0], num_frames)
-            ax.imshow(frames[r, (start + stop - 1) // 2])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            notes = []
-            for k, colour, style, role in per_row[r]:
-                t, h, w = thw[r, k]
-                if t != cols[col]:
-                    continue
-                ax.add_patch(
-                    Rectangle(
-                        (w * stride[2] - 0.5, h * stride[1] - 0.5),
-                        stride[2],
-                        stride[1],
-                        fill=False,
-                        edgecolor=colour,
-                        linestyle=style,
-                        linewidth=2,
-                        path_effects=BOX_OUTLINE,
-                    )
-                )
-                if value is not None:
-                    notes.append(f"{role} {value[r, k]:.2f}")
-            ax.set_xlim(-0.5, width - 0.5)
-            ax.set_ylim(height - 0.5, -0.5)
-            ax.set_title("\n".join([f"frames {start}–{stop - 1}", *notes]), fontsize=TEXT_PT)
-    roles = {role for boxes in per_row for *_, role in boxes}
-    handles = [
-        _outline(label, colour, style, BOX_OUTLINE)
-        for role, label, colour, style in (
-            ("true", "true class", TRUE_BOX, "-"),
-            ("strongest", "strongest other class", STRONGEST_BOX, "--"),
-        )
-        if role in roles
-    ]
-    _title(fig, "Where the DFB filters of the true and the strongest class respond most")
-    _footer(
-        fig,
-        f"Box: the feature cell ({stride[0]:g} frames × {stride[1]:g} × {stride[2]:g} pixels) "
-        "holding a class's maximum filter response, on the middle frame of its time cell; the "
-        "receptive field is larger. Strongest class: the class with the largest maximum "
-        "response; numbers: maximum responses.",
-        handles,
-    )
-    return {"dfb_max_response": fig}
-
-
-# --- JointAttn --------------------------------------------------------------------------------
-def joint_attn_figures(diagnostics, sample, names, class_groups) -> dict:
-    """The LSTM's soft attention ``(B, T, K, K)`` per time step, upsampled over the frame of
-    that step (LSTM steps spread evenly over the clip's frames)."""
-    att = diagnostics.get("attention")
-    if att is None:
-        return {}
-    att = _np(att)
-    if att.ndim != 4 or att.shape[0] == 0 or att.shape[1] == 0:
-        return {}
-    frames = _frames(sample)
-    labels = _labels(sample)
-    b = min(MAX_SAMPLES, att.shape[0], len(frames) if frames is not None else MAX_SAMPLES)
-    steps, grid = att.shape[1], att.shape[2]
-    cols = _columns(steps)
-    headings = [
-        f"clip {r + 1} · true class: "
-        + (_name(names, int(labels[r])) if labels is not None and r < len(labels) else "?")
-        for r in range(b)
-    ]
-    fig, axes = _clip_rows(headings, len(cols), extra=1.4)
-    # At least twice the uniform weight: flat attention stays mid-scale, not all red.
-    vmax = max(float(att[:b, cols].max()), 2.0 / grid**2)
-    for r in range(b):
-        for col, t in enumerate(cols):
-            ax = axes[r, col]
-            frame, title = None, f"step {t}"
-            if frames is not None:
-                start, stop = _span(t, frames.shape[1] / steps, frames.shape[1])
-                f = (start + stop - 1) // 2
-                frame, title = frames[r, f], f"step {t} · frame {f}"
-            _overlay(ax, frame, att[r, t], 0.0, vmax)
-            ax.set_title(title, fontsize=TEXT_PT)
-    _colorbar(fig, axes, 0.0, vmax, f"attention (uniform = {1 / grid**2:.3f})")
-    _title(fig, "Where the JointAttn LSTM looks at each step")
-    _footer(
-        fig,
-        f"Soft attention over the {grid} × {grid} feature grid at each LSTM step, stretched over "
-        "the middle frame of the step's frames (steps spread evenly over the clip); weights sum "
-        "to 1 over the grid.",
-    )
-    return {"joint_attn_attention": fig}

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from finegrain.models import BASELINE, method_spec
 from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ConfigError, ExperimentConfig, apply_params, plain, validate
 from finegrain.platform.sweeps import (
@@ -41,7 +42,7 @@ from finegrain.platform.sweeps import (
 )
 
 __all__ = [
-    "DEFAULT_SPACES",
+    "default_space",
     "SweepInterrupted",
     "apply_params",
     "check_space",
@@ -60,40 +61,12 @@ LR_WD_ADAMW = {
     "optim.weight_decay": {"type": "loguniform", "low": 1e-3, "high": 0.1},
 }
 
-DEFAULT_SPACES: dict[str, dict[str, dict]] = {
-    "dsts": {
-        "model.neurons": {"type": "int", "low": 2, "high": 16},
-        "model.layers": {"type": "int", "low": 1, "high": 5},
-        "model.tau": {"type": "loguniform", "low": 0.25, "high": 4.0},
-        "model.udl": {"type": "choice", "values": [True, False]},
-        # the simulated step's size relative to the run's rate (1: the paper's one α); only
-        # sampled when UDL is on
-        "model.udl_alpha_scale": {
-            "type": "loguniform",
-            "low": 0.3,
-            "high": 3.0,
-            "when": {"model.udl": True},
-        },
-        **LR_WD,
-    },
-    "onepass": {"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.7}, **LR_WD},
-    "u2s": {
-        "model.confusers": {"type": "int", "low": 1, "high": 5},
-        "model.lam": {"type": "loguniform", "low": 0.05, "high": 2.0},
-        **LR_WD,
-    },
-    "dfb": {"model.filters_per_class": {"type": "int", "low": 1, "high": 10}, **LR_WD},
-    "classreg": {
-        **{f"model.gamma.{i}": {"type": "uniform", "low": 0.0, "high": 0.6} for i in range(4)},
-        **LR_WD,
-    },
-    "joint_attn": {
-        "model.lam": {"type": "loguniform", "low": 2.0, "high": 200.0},  # around the calibrated 15
-        "model.hidden": {"type": "choice", "values": [128, 256, 512]},
-        "model.fusion": {"type": "choice", "values": ["early", "late"]},
-        **LR_WD,
-    },
-}
+
+def default_space(method: str, optimizer: str = "sgd") -> dict[str, dict]:
+    """The method's own search space (its spec) and ``optimizer``'s LR/WD ranges."""
+    return {**method_spec(method).space, **(LR_WD_ADAMW if optimizer == "adamw" else LR_WD)}
+
+
 TYPES = ("int", "uniform", "loguniform", "choice")
 
 
@@ -165,8 +138,7 @@ class DefineByRun:
 def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[str, dict]:
     """The YAML file's space, else the method's default with ``optimizer``'s LR/WD ranges."""
     if path is None:
-        space = DEFAULT_SPACES[method]
-        return {**space, **LR_WD_ADAMW} if optimizer == "adamw" else space
+        return default_space(method, optimizer)
     raw = yaml.safe_load(Path(path).read_text()) or {}
     space = raw.get("space", raw)
     if not isinstance(space, dict) or not space:
@@ -418,12 +390,12 @@ def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float
         k: raw["model"][k]
         for k in ("backbone", "weights", "keep_time", "width")
         if k in raw["model"]
-    } | {"method": "onepass"}
+    } | {"method": BASELINE}
     cfg = validate(raw)
-    cfg.run.name = f"{name}-baseline-onepass"
+    cfg.run.name = f"{name}-baseline-{BASELINE}"
     cfg.tracking.mlflow_uri = uri
     cfg.tracking.parent_run_id = parent
-    print("training the one-pass baseline on the same data ...", flush=True)
+    print(f"training the {method_spec(BASELINE).title} on the same data ...", flush=True)
     result = run_experiment(cfg, quiet=True)
     return float(result.metrics.get("val_best_top1", float("nan")))
 

@@ -25,13 +25,58 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field, StrictInt, field_validator, model_validator
 from torch import Tensor, nn
 
 from finegrain.models.backbones import Backbone
 from finegrain.models.base import FineGrainModel, ModelOutput
-from finegrain.models.onepass import ClassifierHead
+from finegrain.models.heads import ClassifierHead
+from finegrain.models.spec import Options, parse_options
 
 DEFAULT_GAMMA = (0.1, 0.2, 0.3, 0.4)  # affection rates of the last four stages, shallow → deep
+
+
+class ClassRegOptions(Options):
+    """ClassReg's options.
+
+    stages: blocks after the last ``stages`` backbone stages (all stages if the backbone has
+        fewer), those narrower than ``min_channels`` skipped; 0 = no blocks = the one-pass
+        baseline.
+    gamma: affection rate per block of the last ``stages`` stages, shallow to deep (a float
+        applies to all), each in [0, 1). The default schedule (0.1, 0.2, 0.3, 0.4) belongs to
+        the last four stages; with fewer stages the deepest values are kept (three → 0.2, 0.3,
+        0.4). A skipped stage drops its value. A sequence needs one value per block: how many
+        blocks there are depends on the backbone's stages, checked when the model is built.
+    min_channels: stages narrower than this get no block (0: every stage may get one).
+    gamma_warmup_epochs: γ rises linearly from 0 over this many epochs (0: at once).
+    dropout: before the classifier, as the one-pass head.
+    """
+
+    stages: StrictInt = Field(4, ge=0)
+    gamma: float | tuple[float, ...] = DEFAULT_GAMMA
+    min_channels: StrictInt = Field(32, ge=0)
+    gamma_warmup_epochs: float = Field(1.0, ge=0)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("gamma")
+    @classmethod
+    def _affection_rates(cls, gamma: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        for g in gamma if isinstance(gamma, tuple) else (gamma,):
+            if not 0.0 <= g < 1.0:
+                raise ValueError("gamma (affection rate) must be in [0, 1)")
+        return gamma
+
+    @model_validator(mode="after")
+    def _one_rate_per_block(self):
+        # A backbone has at most ``stages`` blocks: more values can never match (the exact
+        # count, which depends on the backbone's stages, is checked by ``build``).
+        gamma = self.gamma
+        if isinstance(gamma, tuple) and gamma != DEFAULT_GAMMA and len(gamma) > self.stages:
+            raise ValueError(
+                f"gamma must be a float or a sequence of {self.stages} values (one per "
+                f"ClassReg block, shallow to deep), got {len(gamma)} values: {gamma!r}"
+            )
+        return self
 
 
 def excitation_weights(w: Tensor, gamma: float) -> Tensor:
@@ -126,65 +171,39 @@ class ClassReg(FineGrainModel):
 
 
 def _gammas(gamma: float | Sequence[float], blocks: int) -> tuple[float, ...]:
+    """One affection rate per block (the values are checked by :class:`ClassRegOptions`; their
+    count, which depends on the backbone's stages, here)."""
     if isinstance(gamma, (int, float)):
-        gammas = (float(gamma),) * blocks
-    else:
-        gammas = tuple(float(g) for g in gamma)
-        if len(gammas) != blocks:
-            if tuple(gammas) == DEFAULT_GAMMA and blocks < len(DEFAULT_GAMMA):
-                gammas = gammas[len(gammas) - blocks :]  # default schedule: keep the deepest
-            else:
-                raise ValueError(
-                    f"gamma must be a float or a sequence of {blocks} values (one per "
-                    f"ClassReg block, shallow to deep), got {len(gammas)} values: {gamma!r}"
-                )
-    for g in gammas:
-        if not 0.0 <= g < 1.0:
-            raise ValueError(f"gamma (affection rate) must be in [0, 1), got {gamma!r}")
+        return (float(gamma),) * blocks
+    gammas = tuple(float(g) for g in gamma)
+    if len(gammas) != blocks:
+        if tuple(gammas) == DEFAULT_GAMMA and blocks < len(DEFAULT_GAMMA):
+            return gammas[len(gammas) - blocks :]  # default schedule: keep the deepest
+        raise ValueError(
+            f"gamma must be a float or a sequence of {blocks} values (one per "
+            f"ClassReg block, shallow to deep), got {len(gammas)} values: {gamma!r}"
+        )
     return gammas
 
 
 def build(
-    num_classes: int,
-    backbone: Backbone,
-    *,
-    stages: int = 4,
-    gamma: float | Sequence[float] = DEFAULT_GAMMA,
-    min_channels: int = 32,
-    gamma_warmup_epochs: float = 1.0,
-    dropout: float = 0.5,
+    num_classes: int, backbone: Backbone, options: ClassRegOptions | None = None, **kwargs
 ) -> ClassReg:
-    """ClassReg on ``backbone``.
-
-    stages: blocks after the last ``stages`` backbone stages (all stages if the backbone has
-        fewer), those narrower than ``min_channels`` skipped; 0 = no blocks = the one-pass
-        baseline.
-    gamma: affection rate per block of the last ``stages`` stages, shallow to deep (a float
-        applies to all). The default schedule (0.1, 0.2, 0.3, 0.4) belongs to the last four
-        stages; with fewer stages the deepest values are kept (three → 0.2, 0.3, 0.4). A
-        skipped stage drops its value.
-    gamma_warmup_epochs: γ rises linearly from 0 over this many epochs (0: at once).
-    dropout: before the classifier, as the one-pass head.
-    """
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 0:
-        raise ValueError(f"stages must be an int >= 0, got {stages!r}")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
-        raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
-    if not gamma_warmup_epochs >= 0:
-        raise ValueError(f"gamma_warmup_epochs must be >= 0, got {gamma_warmup_epochs}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    """ClassReg on ``backbone``; options as a :class:`ClassRegOptions` or keyword arguments."""
+    opts = options if options is not None else parse_options("classreg", ClassRegOptions, kwargs)
     n = len(backbone.stages)
-    candidates = list(range(n - min(stages, n), n))
-    gammas = _gammas(gamma, len(candidates))
+    candidates = list(range(n - min(opts.stages, n), n))
+    gammas = _gammas(opts.gamma, len(candidates))
     kept = [
-        (s, g) for s, g in zip(candidates, gammas) if backbone.stage_channels[s] >= min_channels
+        (s, g)
+        for s, g in zip(candidates, gammas)
+        if backbone.stage_channels[s] >= opts.min_channels
     ]
     return ClassReg(
         backbone,
         num_classes,
         [s for s, _ in kept],
         [g for _, g in kept],
-        dropout,
-        float(gamma_warmup_epochs),
+        opts.dropout,
+        float(opts.gamma_warmup_epochs),
     )

@@ -32,20 +32,26 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 from torch import Tensor, nn
 
 from finegrain.models.backbones import Backbone
 from finegrain.models.base import Batch, FineGrainModel, GradReducer, ModelOutput, TrainingStage
-from finegrain.models.onepass import ClassifierHead
+from finegrain.models.heads import ClassifierHead
+from finegrain.models.spec import Options, parse_options
 
 PREDICTIONS = ("universal", "bridge", "specific")
-CSM_MODES = ("binary", "soft")
-MASK_MODES = ("confusers", "own_class_only")
-CSN_INITS = ("initial", "universal")
+CsmMode = Literal["binary", "soft"]
+MaskMode = Literal["confusers", "own_class_only"]
+CsnInit = Literal["initial", "universal"]
+CSM_MODES: tuple[str, ...] = get_args(CsmMode)
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+CSN_INITS: tuple[str, ...] = get_args(CsnInit)
 DEFAULT_TOPN_TARGET = 0.9  # paper: 0.85 SSv2, 0.90 HMDB51 / Stanford Dogs, 0.95 UCF101 / Cars
 # Epoch shares of the three stages (revised, METHODS.md): the paper trains each stage until
 # validation saturates; a short stage 1 leaves an unconverged universal network whose CSM misses
@@ -410,61 +416,25 @@ class U2S(FineGrainModel):
         self.train(self.training)
 
 
-# --- builder --------------------------------------------------------------------------------
+# --- options and builder --------------------------------------------------------------------
 
 
-def _choice(field: str, value: object, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def _flag(field: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{field} must be True or False, got {value!r}")
-    return value
-
-
-def _parse_fuse(fuse: str | Sequence[str] | None, mask_network: bool) -> tuple[str, ...]:
-    available = PREDICTIONS if mask_network else ("universal", "specific")
-    if fuse is None:
-        return available
+def _fuse_names(fuse: str | Sequence[str]) -> set[str]:
+    """The prediction names in ``fuse`` (a list, or a comma-separated string)."""
     items = fuse.split(",") if isinstance(fuse, str) else list(fuse)
-    names = {str(x).strip() for x in items if str(x).strip()}
-    bad = sorted(names - set(available))
-    if not names or bad:
-        raise ValueError(
-            f"fuse must be a non-empty subset of {{{', '.join(available)}}}"
-            f"{'' if mask_network else ' (no bridge without the mask network)'}; got {fuse!r}"
-        )
-    return tuple(p for p in PREDICTIONS if p in names)
+    return {str(x).strip() for x in items if str(x).strip()}
 
 
-def build(
-    num_classes: int,
-    backbone: Backbone,
-    *,
-    owned_stages: int = 2,
-    alpha: float | None = None,
-    confusers: float | str | None = "auto",
-    confusers_topn_target: float = DEFAULT_TOPN_TARGET,
-    stage_shares: Sequence[float] = STAGE_SHARES,
-    csm: str = "binary",
-    lam: float = 0.5,
-    fuse: str | Sequence[str] | None = None,
-    category_reg: bool = True,
-    mask: str = "confusers",
-    mask_network: bool = True,
-    oracle: bool = False,
-    csn_init: str = "initial",
-    freeze_bn: bool = True,
-    joint_lr_scale: float = 0.1,
-    dropout: float = 0.5,
-) -> U2S:
-    """U2S on ``backbone``.
+def _available(mask_network: bool) -> tuple[str, ...]:
+    """The predictions a model has: no bridge without the mask network."""
+    return PREDICTIONS if mask_network else ("universal", "specific")
+
+
+class U2SOptions(Options):
+    """U2S's options (the paper's defaults and the revised decisions of METHODS.md).
 
     owned_stages: how many of the last backbone stages the UN and the CSN each own (the rest and
-        the stem are shared; paper: the 3D part is owned).
+        the stem are shared; paper: the 3D part is owned); at most the backbone's stage count.
     alpha: CSM threshold in [0, 1]; given, it replaces ``confusers``.
     confusers: choose α so that the mean number of confusing classes per class is this (in
         [0, K − 1]); "auto" (default, revised): the paper's rule, N − 1 with N the smallest N
@@ -486,51 +456,98 @@ def build(
     freeze_bn: frozen parts run in eval mode (BatchNorm keeps its running statistics).
     joint_lr_scale: stage 3's learning-rate factor (paper: 10⁻⁴ after 10⁻³).
 
-    The stages' default epoch shares are ``STAGE_SHARES``; ``optim.stage_epochs`` overrides them.
+    Numbers accept ints, never bools or strings. The stages' default epoch shares are
+    ``STAGE_SHARES``.
     """
+
+    owned_stages: StrictInt = Field(2, ge=1)
+    alpha: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+    confusers: StrictFloat | Literal["auto"] | None = "auto"
+    confusers_topn_target: StrictFloat = Field(DEFAULT_TOPN_TARGET, gt=0.0, le=1.0)
+    stage_shares: tuple[StrictFloat, ...] = STAGE_SHARES
+    csm: CsmMode = "binary"
+    lam: StrictFloat = Field(0.5, ge=0.0)
+    fuse: str | tuple[str, ...] | None = None
+    category_reg: StrictBool = True
+    mask: MaskMode = "confusers"
+    mask_network: StrictBool = True
+    oracle: StrictBool = False
+    csn_init: CsnInit = "initial"
+    freeze_bn: StrictBool = True
+    joint_lr_scale: StrictFloat = Field(0.1, gt=0.0)
+    dropout: StrictFloat = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("confusers", mode="before")
+    @classmethod
+    def _auto_or_a_number(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and value == "auto"):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError("must be 'auto' or a number in [0, K − 1]")
+        return value
+
+    @field_validator("stage_shares")
+    @classmethod
+    def _three_positive_shares(cls, shares: tuple[float, ...]) -> tuple[float, ...]:
+        if len(shares) != 3 or any(not x > 0 for x in shares):
+            raise ValueError("must be three numbers > 0")
+        return shares
+
+    @model_validator(mode="after")
+    def _fuse_and_oracle_need_the_mask_network(self) -> U2SOptions:
+        if self.oracle and not self.mask_network:
+            raise ValueError("oracle=True selects masks: it needs mask_network=True")
+        if self.fuse is not None:
+            available = _available(self.mask_network)
+            names = _fuse_names(self.fuse)
+            bad = sorted(names - set(available))
+            if not names or bad:
+                raise ValueError(
+                    f"fuse must be a non-empty subset of {{{', '.join(available)}}}"
+                    f"{'' if self.mask_network else ' (no bridge without the mask network)'}; "
+                    f"got {self.fuse!r}"
+                )
+        return self
+
+
+def build(num_classes: int, backbone: Backbone, options: U2SOptions | None = None, **kwargs) -> U2S:
+    """U2S on ``backbone``; options as a :class:`U2SOptions` or keyword arguments.
+
+    The checks that need the backbone or the class count stay here: ``owned_stages`` at most the
+    backbone's stage count, ``confusers`` at most K − 1.
+    """
+    opts = options if options is not None else parse_options("u2s", U2SOptions, kwargs)
     k = num_classes
     n_stages = len(backbone.stages)
-    if not isinstance(owned_stages, int) or not 1 <= owned_stages <= n_stages:
-        raise ValueError(f"owned_stages must be an int in [1, {n_stages}], got {owned_stages!r}")
-    number = (int, float)
-    if alpha is not None and not (isinstance(alpha, number) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if confusers is None or confusers == "auto":
-        confusers = None
-    elif not (isinstance(confusers, number) and 0 <= confusers <= k - 1):
+    if opts.owned_stages > n_stages:
+        raise ValueError(
+            f"owned_stages must be an int in [1, {n_stages}], got {opts.owned_stages!r}"
+        )
+    confusers = None if opts.confusers == "auto" else opts.confusers
+    if confusers is not None and confusers > k - 1:
         raise ValueError(f"confusers must be 'auto' or in [0, {k - 1}] (K − 1), got {confusers}")
-    if not (isinstance(confusers_topn_target, number) and 0 < confusers_topn_target <= 1):
-        raise ValueError(f"confusers_topn_target must be in (0, 1], got {confusers_topn_target}")
-    shares = tuple(stage_shares)
-    if len(shares) != 3 or any(not (isinstance(x, number) and x > 0) for x in shares):
-        raise ValueError(f"stage_shares must be three numbers > 0, got {stage_shares!r}")
-    if not (isinstance(lam, number) and lam >= 0.0):
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    mask_network = _flag("mask_network", mask_network)
-    oracle = _flag("oracle", oracle)
-    if oracle and not mask_network:
-        raise ValueError("oracle=True selects masks: it needs mask_network=True")
-    if not joint_lr_scale > 0:
-        raise ValueError(f"joint_lr_scale must be > 0, got {joint_lr_scale}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    fuse = (
+        _available(opts.mask_network)
+        if opts.fuse is None
+        else tuple(p for p in PREDICTIONS if p in _fuse_names(opts.fuse))
+    )
     return U2S(
         backbone,
         num_classes,
-        owned_stages=owned_stages,
-        alpha=alpha,
-        confusers=None if confusers is None else float(confusers),
-        confusers_topn_target=float(confusers_topn_target),
-        stage_shares=tuple(float(x) for x in shares),
-        csm=_choice("csm", csm, CSM_MODES),
-        lam=float(lam),
-        fuse=_parse_fuse(fuse, mask_network),
-        category_reg=_flag("category_reg", category_reg),
-        mask=_choice("mask", mask, MASK_MODES),
-        mask_network=mask_network,
-        oracle=oracle,
-        csn_init=_choice("csn_init", csn_init, CSN_INITS),
-        freeze_bn=_flag("freeze_bn", freeze_bn),
-        joint_lr_scale=float(joint_lr_scale),
-        dropout=dropout,
+        owned_stages=opts.owned_stages,
+        alpha=opts.alpha,
+        confusers=confusers,
+        confusers_topn_target=opts.confusers_topn_target,
+        stage_shares=opts.stage_shares,
+        csm=opts.csm,
+        lam=opts.lam,
+        fuse=fuse,
+        category_reg=opts.category_reg,
+        mask=opts.mask,
+        mask_network=opts.mask_network,
+        oracle=opts.oracle,
+        csn_init=opts.csn_init,
+        freeze_bn=opts.freeze_bn,
+        joint_lr_scale=opts.joint_lr_scale,
+        dropout=opts.dropout,
     )

@@ -18,16 +18,34 @@ Prediction: z_comb. Filter ``k·N + n`` belongs to class ``k`` (class-major bloc
 from __future__ import annotations
 
 import copy
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictInt
 from torch import Tensor, nn
 
 from finegrain.models.backbones import Backbone
 from finegrain.models.base import FineGrainModel, ModelOutput
-from finegrain.models.onepass import ClassifierHead
+from finegrain.models.heads import ClassifierHead
+from finegrain.models.spec import Options, parse_options
 
-BRANCHES = ("gb", "gb_df", "gb_df_lb")
+Branches = Literal["gb", "gb_df", "gb_df_lb"]
+BRANCHES = get_args(Branches)
+
+
+class DFBOptions(Options):
+    """DFB's options.
+
+    filters_per_class: N discriminative filters per class (paper N = 5).
+    branches: "gb" (global branch only = the one-pass baseline), "gb_df" (+ filter bank on the
+        last stage's features), "gb_df_lb" (+ local detail branch feeding the filters; paper).
+    dropout: before the global branch's classifier, as the one-pass head.
+    """
+
+    filters_per_class: StrictInt = Field(5, ge=1)
+    branches: Branches = "gb_df_lb"
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -151,29 +169,16 @@ class DFB(FineGrainModel):
         )
 
 
-def build(
-    num_classes: int,
-    backbone: Backbone,
-    *,
-    filters_per_class: int = 5,
-    branches: str = "gb_df_lb",
-    dropout: float = 0.5,
-) -> DFB:
-    """DFB on ``backbone``.
+def build(num_classes: int, backbone: Backbone, options: DFBOptions | None = None, **kwargs) -> DFB:
+    """DFB on ``backbone``; options as a :class:`DFBOptions` or keyword arguments.
 
-    filters_per_class: N discriminative filters per class (paper N = 5).
-    branches: "gb" (global branch only = the one-pass baseline), "gb_df" (+ filter bank on the
-        last stage's features), "gb_df_lb" (+ local detail branch feeding the filters; paper).
+    The local branch (``branches="gb_df_lb"``) copies the last stage and reads the one before it:
+    the backbone needs two stages or more.
     """
-    if not isinstance(filters_per_class, int) or filters_per_class < 1:
-        raise ValueError(f"filters_per_class must be an int >= 1, got {filters_per_class!r}")
-    if branches not in BRANCHES:
-        raise ValueError(f"branches must be one of {', '.join(BRANCHES)}; got {branches!r}")
-    if branches == "gb_df_lb" and len(backbone.stages) < 2:
+    opts = options if options is not None else parse_options("dfb", DFBOptions, kwargs)
+    if opts.branches == "gb_df_lb" and len(backbone.stages) < 2:
         raise ValueError(
             f"branches='gb_df_lb' needs a backbone with >= 2 stages; {backbone.name!r} has "
             f"{len(backbone.stages)}"
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return DFB(backbone, num_classes, filters_per_class, branches, dropout)
+    return DFB(backbone, num_classes, opts.filters_per_class, opts.branches, opts.dropout)

@@ -48,13 +48,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictBool, StrictInt, field_validator
 from torch import Tensor, nn
 
 from finegrain.models.backbones import Backbone
 from finegrain.models.base import FineGrainModel, ModelOutput
+from finegrain.models.spec import Options, parse_options
 
 PAPER_GRID = 11  # the paper's 11×11 feature maps: the grid at which λ has the paper's meaning
 # λ by the gradient-ratio rule (METHODS.md): at initialisation, on 48-px 8-frame clips of the
@@ -65,11 +68,52 @@ PAPER_GRID = 11  # the paper's 11×11 feature maps: the grid at which λ has the
 # the paper's λ = 1000 gives 4.6×). λ = 0.1 / 0.0055 = 18 keeps every batch ≤ 0.1; rounded down:
 # 15, a median ratio of 0.068 (max 0.083). tests/test_joint_attn.py re-measures it at the default.
 CALIBRATED_LAM = 15.0
-PREDICTS = ("softmax", "votes")
-FUSIONS = ("early", "late")
-CONVNETS = ("3d", "2d", "none")
-INIT_STATES = ("mean", "zeros")
-LSTM_LOSSES = ("every_step", "prediction")
+Predict = Literal["softmax", "votes"]
+Fusion = Literal["early", "late"]
+Convnet = Literal["3d", "2d", "none"]
+InitState = Literal["mean", "zeros"]
+LstmLoss = Literal["every_step", "prediction"]
+PREDICTS = get_args(Predict)
+FUSIONS = get_args(Fusion)
+CONVNETS = get_args(Convnet)
+INIT_STATES = get_args(InitState)
+LSTM_LOSSES = get_args(LstmLoss)
+
+
+class JointAttnOptions(Options):
+    """JointAttn's options (see :func:`build` for what each one means).
+
+    ``levels`` are checked here as stage indices only; whether they index the backbone's stages
+    (and stay distinct once negative indices are resolved) is checked by :func:`build`, which
+    sees the backbone.
+    """
+
+    levels: tuple[StrictInt, ...] = (-2, -1)
+    grid: StrictInt = Field(7, ge=2)
+    channels: StrictInt = Field(256, ge=1)
+    convnet: Convnet = "3d"
+    fusion: Fusion = "late"
+    hidden: StrictInt = Field(256, ge=1)
+    lstm_layers: StrictInt = Field(2, ge=1)
+    predict_steps: StrictInt = Field(0, ge=0)
+    predict: Predict = "softmax"
+    attention_reg: bool = True
+    lam: float = Field(CALIBRATED_LAM, ge=0.0)
+    reg_detach: StrictBool = True
+    lam_warmup_epochs: float = Field(1.0, ge=0.0)
+    deep_supervision: bool = True
+    ds_weight: float = Field(1.0, ge=0.0)
+    pyramid: bool = True
+    init_state: InitState = "mean"
+    lstm_loss: LstmLoss = "every_step"
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+    @field_validator("levels")
+    @classmethod
+    def _some_levels(cls, levels: tuple[int, ...]) -> tuple[int, ...]:
+        if not levels:
+            raise ValueError("levels must be a non-empty sequence of stage indices")
+        return levels
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: tuple[int, int, int]) -> nn.Sequential:
@@ -358,41 +402,13 @@ def _keep_stages(backbone: Backbone, n: int) -> None:
         backbone.torchvision_ignored = (*backbone.torchvision_ignored, *dropped)
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def build(
     num_classes: int,
     backbone: Backbone,
-    *,
-    levels: Sequence[int] = (-2, -1),
-    grid: int = 7,
-    channels: int = 256,
-    convnet: str = "3d",
-    fusion: str = "late",
-    hidden: int = 256,
-    lstm_layers: int = 2,
-    predict_steps: int = 0,
-    predict: str = "softmax",
-    attention_reg: bool = True,
-    lam: float = CALIBRATED_LAM,
-    reg_detach: bool = True,
-    lam_warmup_epochs: float = 1.0,
-    deep_supervision: bool = True,
-    ds_weight: float = 1.0,
-    pyramid: bool = True,
-    init_state: str = "mean",
-    lstm_loss: str = "every_step",
-    dropout: float = 0.5,
+    options: JointAttnOptions | None = None,
+    **kwargs,
 ) -> JointAttn:
-    """JointAttn on ``backbone``.
+    """JointAttn on ``backbone``; options as a ``JointAttnOptions`` or keyword arguments.
 
     levels: backbone stage indices tapped (paper: two; one gives the single-level ablation of
         Table 2). Stages deeper than the deepest level are removed from ``backbone``.
@@ -418,10 +434,9 @@ def build(
     init_state: "mean" (Sharma et al.) or "zeros". lstm_loss: "every_step" or "prediction".
     dropout: before the LSTM's classifier and between the deep-supervision FC layers.
     """
+    opts = options if options is not None else parse_options("joint_attn", JointAttnOptions, kwargs)
     n = len(backbone.stages)
-    levels = tuple(levels)
-    if not levels or any(isinstance(s, bool) or not isinstance(s, int) for s in levels):
-        raise ValueError(f"levels must be a non-empty sequence of stage indices, got {levels!r}")
+    levels = opts.levels
     if any(not -n <= s < n for s in levels):
         raise ValueError(
             f"levels must index the backbone's {n} stages (-{n} .. {n - 1}), got {levels!r}"
@@ -429,46 +444,27 @@ def build(
     levels = tuple(s % n for s in levels)
     if len(set(levels)) != len(levels):
         raise ValueError(f"levels must be distinct stages, got {levels!r}")
-    _positive_int("grid", grid, 2)
-    for name, value in (("channels", channels), ("hidden", hidden), ("lstm_layers", lstm_layers)):
-        _positive_int(name, value)
-    _positive_int("predict_steps", predict_steps, 0)
-    _choice("convnet", convnet, CONVNETS)
-    _choice("fusion", fusion, FUSIONS)
-    _choice("init_state", init_state, INIT_STATES)
-    _choice("lstm_loss", lstm_loss, LSTM_LOSSES)
-    _choice("predict", predict, PREDICTS)
-    if not isinstance(reg_detach, bool):
-        raise ValueError(f"reg_detach must be True or False, got {reg_detach!r}")
-    if not lam_warmup_epochs >= 0:
-        raise ValueError(f"lam_warmup_epochs must be >= 0, got {lam_warmup_epochs}")
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if not ds_weight >= 0:
-        raise ValueError(f"ds_weight must be >= 0, got {ds_weight}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     _keep_stages(backbone, max(levels) + 1)
     return JointAttn(
         backbone,
         num_classes,
         levels,
-        grid=grid,
-        channels=channels,
-        convnet=convnet,
-        fusion=fusion,
-        hidden=hidden,
-        lstm_layers=lstm_layers,
-        predict_steps=predict_steps,
-        attention_reg=attention_reg,
-        lam=lam,
-        deep_supervision=deep_supervision,
-        ds_weight=ds_weight,
-        pyramid=pyramid,
-        init_state=init_state,
-        lstm_loss=lstm_loss,
-        dropout=dropout,
-        reg_detach=reg_detach,
-        lam_warmup_epochs=float(lam_warmup_epochs),
-        predict=predict,
+        grid=opts.grid,
+        channels=opts.channels,
+        convnet=opts.convnet,
+        fusion=opts.fusion,
+        hidden=opts.hidden,
+        lstm_layers=opts.lstm_layers,
+        predict_steps=opts.predict_steps,
+        attention_reg=opts.attention_reg,
+        lam=opts.lam,
+        deep_supervision=opts.deep_supervision,
+        ds_weight=opts.ds_weight,
+        pyramid=opts.pyramid,
+        init_state=opts.init_state,
+        lstm_loss=opts.lstm_loss,
+        dropout=opts.dropout,
+        reg_detach=opts.reg_detach,
+        lam_warmup_epochs=opts.lam_warmup_epochs,
+        predict=opts.predict,
     )

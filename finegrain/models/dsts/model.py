@@ -51,21 +51,19 @@ Usage notes:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
 from finegrain.models.backbones import Backbone
 from finegrain.models.base import FineGrainModel, MetaContext, ModelOutput
-from finegrain.models.onepass import ClassifierHead
+from finegrain.models.heads import ClassifierHead
+from finegrain.models.spec import Options, parse_options
 
-STS = ("gates", "fixed_halves", "conv3d")
-SYNAPSES = ("gumbel", "average_all")
-IMPULSES = ("standardized", "sum", "mean")
-GATE_INITS = ("signed", "small")
-UDL_ALPHAS = ("run", "fixed")
 UPSTREAM = ("scoring", "gates")  # parameter names of u (METHODS.md); everything else is d
 MIN_TIME = 4
 
@@ -415,76 +413,59 @@ class DSTS(FineGrainModel):
             self.upstream_optimizer().load_state_dict(state["upstream_optimizer"])
 
 
-def _choice(field: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
-def build(
-    num_classes: int,
-    backbone: Backbone,
-    *,
-    neurons: int = 10,
-    layers: int = 3,
-    sts: str = "gates",
-    synapse: str = "gumbel",
-    impulse: str = "standardized",
-    gate_init: str = "signed",
-    udl: bool = True,
-    udl_alpha: str = "run",
-    udl_alpha_scale: float = 1.0,
-    tau: float = 1.0,
-    udl_inner_lr: float = 0.01,
-    udl_outer_lr: float = 0.01,
-    dropout: float = 0.5,
-) -> DSTS:
-    """DSTS with the paper's defaults (N=10, L=3, τ=1, gates, Gumbel synapse, UDL) and the
+class DSTSOptions(Options):
+    """DSTS's options: the paper's defaults (N=10, L=3, τ=1, gates, Gumbel synapse, UDL) and the
     revised decisions of METHODS.md (standardized impulse, ±2 gates, one α from the run).
 
     ``impulse``: standardized | sum (the paper's Eq. 2) | mean. ``gate_init``: signed (±2) |
     small (0.01·randn). ``udl_alpha``: run (α = the run's current learning rate ×
     ``udl_alpha_scale``; u moved by the run's optimizer) | fixed (α = ``udl_inner_lr``, u by SGD
-    at ``udl_outer_lr``: the old decision).
+    at ``udl_outer_lr``: the old decision). Numbers accept ints, never bools or strings.
     """
-    for field, value in (("neurons", neurons), ("layers", layers)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{field} must be an int >= 1, got {value!r}")
-    _choice("sts", sts, STS)
-    _choice("synapse", synapse, SYNAPSES)
-    _choice("impulse", impulse, IMPULSES)
-    _choice("gate_init", gate_init, GATE_INITS)
-    _choice("udl_alpha", udl_alpha, UDL_ALPHAS)
-    if not isinstance(udl, bool):
-        raise ValueError(f"udl must be True or False, got {udl!r}")
-    for field, value in (
-        ("tau", tau),
-        ("udl_alpha_scale", udl_alpha_scale),
-        ("udl_inner_lr", udl_inner_lr),
-        ("udl_outer_lr", udl_outer_lr),
-    ):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"{field} must be a number > 0, got {value!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if udl and synapse == "average_all" and sts != "gates":
-        raise ValueError(
-            f"udl=True needs upstream parameters (scoring kernels or gates), but "
-            f"synapse='average_all' with sts={sts!r} has none; use udl=False"
-        )
+
+    neurons: StrictInt = Field(10, ge=1)
+    layers: StrictInt = Field(3, ge=1)
+    sts: Literal["gates", "fixed_halves", "conv3d"] = "gates"
+    synapse: Literal["gumbel", "average_all"] = "gumbel"
+    impulse: Literal["standardized", "sum", "mean"] = "standardized"
+    gate_init: Literal["signed", "small"] = "signed"
+    udl: StrictBool = True
+    udl_alpha: Literal["run", "fixed"] = "run"
+    udl_alpha_scale: StrictFloat = Field(1.0, gt=0.0)
+    tau: StrictFloat = Field(1.0, gt=0.0)
+    udl_inner_lr: StrictFloat = Field(0.01, gt=0.0)
+    udl_outer_lr: StrictFloat = Field(0.01, gt=0.0)
+    dropout: StrictFloat = Field(0.5, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _udl_needs_upstream_parameters(self) -> DSTSOptions:
+        if self.udl and self.synapse == "average_all" and self.sts != "gates":
+            raise ValueError(
+                f"udl=True needs upstream parameters (scoring kernels or gates), but "
+                f"synapse='average_all' with sts={self.sts!r} has none; use udl=False"
+            )
+        return self
+
+
+def build(
+    num_classes: int, backbone: Backbone, options: DSTSOptions | None = None, **kwargs
+) -> DSTS:
+    """DSTS on ``backbone``; options as a :class:`DSTSOptions` or keyword arguments."""
+    opts = options if options is not None else parse_options("dsts", DSTSOptions, kwargs)
     return DSTS(
         backbone,
         num_classes,
-        udl=udl,
-        udl_alpha=udl_alpha,
-        udl_alpha_scale=float(udl_alpha_scale),
-        udl_inner_lr=float(udl_inner_lr),
-        udl_outer_lr=float(udl_outer_lr),
-        neurons=neurons,
-        layers=layers,
-        sts=sts,
-        synapse=synapse,
-        impulse=impulse,
-        tau=float(tau),
-        gate_init=gate_init,
-        dropout=float(dropout),
+        udl=opts.udl,
+        udl_alpha=opts.udl_alpha,
+        udl_alpha_scale=opts.udl_alpha_scale,
+        udl_inner_lr=opts.udl_inner_lr,
+        udl_outer_lr=opts.udl_outer_lr,
+        neurons=opts.neurons,
+        layers=opts.layers,
+        sts=opts.sts,
+        synapse=opts.synapse,
+        impulse=opts.impulse,
+        tau=opts.tau,
+        gate_init=opts.gate_init,
+        dropout=opts.dropout,
     )

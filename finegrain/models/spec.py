@@ -1,0 +1,122 @@
+"""What a method tells the platform about itself: :class:`MethodSpec`.
+
+Each method's package (``finegrain/models/<method>/``) defines one ``SPEC`` beside its code, the
+way timm registers a model next to its definition. The platform (config validation, the trainer,
+Tune, the suites and the figures) reads only specs, never a method's name:
+
+- ``options``: a pydantic model with ``extra="forbid"``, the only validation of the method's
+  options (types, ranges, cross-field rules). Its fields and defaults are the method's options.
+- ``build(num_classes, backbone, options)``: the thin builder, given validated options.
+- ``needs_stages``: the method taps several CNN stages (a one-stage token backbone such as MViT
+  cannot serve it).
+- ``space``: the default search space of the method's own options (``tune.py`` adds the shared
+  learning-rate and weight-decay ranges).
+- ``suite``: the ablation suite, the rows of its paper's tables (``ablate.py --suite <method>``).
+- ``figures``: ``"module:function"`` drawing the method's diagnostics pictures, imported only when
+  a picture is drawn (Ray's helper processes never import matplotlib or the models for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Options(BaseModel):
+    """Base of every method's options: unknown keys are errors, values are checked on change."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation table: config overrides, the paper's name for it, its table.
+
+    ``evaluates``: the variant is an evaluation of another variant's checkpoint (no training).
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    paper: str
+    table: str
+    evaluates: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An ablation suite: ``method`` is the base config's method (rows may switch it)."""
+
+    name: str
+    method: str
+    title: str
+    variants: tuple[Variant, ...] = field(default_factory=tuple)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ValueError(
+            f"--variants {name!r}: not a variant of suite {self.name!r}; "
+            f"valid: {', '.join(v.name for v in self.variants)}"
+        )
+
+
+def variant(name, overrides, paper, table, evaluates=None) -> Variant:
+    return Variant(name, dict(overrides), paper, table, evaluates)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    title: str  # how tables and the methods suite name it
+    options: type[Options]
+    build: Callable[..., Any]
+    needs_stages: bool = True
+    space: dict[str, dict] = field(default_factory=dict)
+    suite: Suite | None = None
+    figures: str | None = None
+
+    def defaults(self) -> dict[str, Any]:
+        """The method's options with their defaults."""
+        return {name: f.default for name, f in self.options.model_fields.items()}
+
+    def draw(self, diagnostics, sample, names, class_groups) -> dict:
+        """The method's diagnostics pictures (``{}`` without a figures function)."""
+        if not self.figures:
+            return {}
+        import importlib
+
+        module, function = self.figures.split(":")
+        return getattr(importlib.import_module(module), function)(
+            diagnostics, sample, names, class_groups
+        )
+
+
+def parse_options(method: str, options_type: type[Options], options: dict[str, Any]) -> Options:
+    """``options_type(**options)``; a problem raises ``ValueError``, one line per bad field
+    (``neurons: Input should be greater than or equal to 2 (got 1)``)."""
+    from pydantic import ValidationError
+
+    try:
+        return options_type(**options)
+    except ValidationError as error:
+        raise ValueError("; ".join(describe_options_error(method, options_type, error))) from None
+
+
+def describe_options_error(method: str, options_type: type[Options], error) -> list[str]:
+    """One line per problem: ``field: what is wrong (got value)``; a rule over several fields
+    (a ``model_validator``) gives its own message."""
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(options_type.model_fields)) or "(none)"
+            lines.append(f"{where}: not an option of method {method!r}; valid: {valid}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if where and "input" in e else ""
+        lines.append(f"{where}: {msg}{got}" if where else msg)
+    return lines
