@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # MLflow's telemetry thread sets and unsets an environment variable while the main thread's HTTP
 # requests iterate os.environ (requests' proxy lookup): a KeyError that fails an MLflow call.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from finegrain.platform.ablate import SUITE_CHOICES  # noqa: E402
-from finegrain.platform.config import ConfigError  # noqa: E402
+from finegrain.platform.ablate import suite_choices
+from finegrain.platform.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--suite", choices=SUITE_CHOICES, required=True)
+    p.add_argument("--suite", choices=suite_choices(), required=True)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant (default 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: config's)")
     p.add_argument(
@@ -84,7 +82,8 @@ def main(argv=None) -> int:
 
     from finegrain.platform.cluster import ClusterTooSmall
     from finegrain.platform.logs import console_log
-    from finegrain.platform.tracking import run_root, ui_hint
+    from finegrain.platform.paths import run_root
+    from finegrain.platform.tracking import ui_hint
 
     failed = []
     with console_log(run_root(plans[0][1].run.dir), f"ablate-{args.suite}"):

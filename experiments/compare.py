@@ -19,10 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finegrain.platform.compare import CompareError, compare, to_markdown, write_report  # noqa: E402
-from finegrain.platform.tracking import run_root  # noqa: E402
+from finegrain.platform.compare import CompareError, compare, to_markdown, write_report
+from finegrain.platform.paths import run_root
 
 
 def parse_args(argv=None) -> argparse.Namespace:

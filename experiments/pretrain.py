@@ -55,8 +55,8 @@ def main(argv=None) -> int:
         return 2
 
     from finegrain.platform.logs import console_log
+    from finegrain.platform.paths import run_root
     from finegrain.platform.pretrain import pretrain
-    from finegrain.platform.tracking import run_root
 
     with console_log(run_root(cfg.run.dir), "pretrain"):
         out = args.out or Path(__file__).resolve().parents[1] / DEFAULT_OUT

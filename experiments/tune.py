@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finegrain.models import METHODS  # noqa: E402
-from finegrain.platform.config import ConfigError, load_config  # noqa: E402
+from finegrain.models import METHODS
+from finegrain.platform.config import ConfigError, load_config
 
 
 def parse_args(argv=None, method: str | None = None) -> argparse.Namespace:
@@ -75,7 +72,7 @@ def main(argv=None, method: str | None = None) -> int:
 
     from finegrain.platform.cluster import ClusterTooSmall
     from finegrain.platform.logs import console_log
-    from finegrain.platform.tracking import run_root
+    from finegrain.platform.paths import run_root
     from finegrain.platform.tune import SweepInterrupted, run_sweep
 
     with console_log(run_root(base.run.dir), f"tune-{args.method}"):

@@ -9,11 +9,8 @@ Options are those of experiments/tune.py (without --method).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tune import main  # noqa: E402
+from tune import main
 
 if __name__ == "__main__":
     sys.exit(main(method="dsts"))

@@ -1,1 +1,2 @@
-"""Annotation readers, the synthetic benchmark, shards, frame sampling and the Ray Data pipeline."""
+"""Annotation readers, the synthetic benchmark, shards and their folder layout, frame sampling and
+the Ray Data pipeline."""

@@ -49,7 +49,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -63,6 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from finegrain.datasets.layout import CLASSES_FILE, shard_files
 from finegrain.datasets.sampling import dense_indices, tsn_indices
 from finegrain.datasets.transforms import clip_views, flip_swap_map, unflippable_classes
 
@@ -175,16 +175,7 @@ def sample_views(
 
 
 # --------------------------------------------------------------------------- shards, classes
-
-
-def shard_files(shard_dir: str | Path, split: str) -> list[str]:
-    """The shard files ``shard_dir/shards/{split}-{k:05d}.parquet`` of ``split``, sorted."""
-    folder = Path(shard_dir) / "shards"
-    pattern = re.compile(rf"{re.escape(split)}-\d{{5}}\.parquet")
-    files = sorted(str(p) for p in folder.glob(f"{split}-*.parquet") if pattern.fullmatch(p.name))
-    if not files:
-        raise FileNotFoundError(f"no shards {folder}/{split}-NNNNN.parquet for split {split!r}")
-    return files
+# (file names: :mod:`.layout`; ``shard_files`` is its own, re-exported here)
 
 
 def read_classes(shard_dir: str | Path) -> list[str]:
@@ -192,7 +183,7 @@ def read_classes(shard_dir: str | Path) -> list[str]:
 
     A value may also be a dict with a ``"name"`` entry (richer class records).
     """
-    path = Path(shard_dir) / "classes.json"
+    path = Path(shard_dir) / CLASSES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path} (written next to the shards by build_shards)")
     raw = json.loads(path.read_text())

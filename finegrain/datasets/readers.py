@@ -33,6 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from finegrain.datasets import layout
+
 DATASETS = ("ssv2", "diving48", "ucf101", "hmdb51", "kinetics")
 SPLITS = ("train", "val", "test")
 DEFAULT_EXTENSIONS = {
@@ -524,11 +526,12 @@ def write_manifest(
     ``OUT/class_groups.json`` ({name: {"group", "subtlety"}}). Returns the manifest path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(manifest.cast(MANIFEST_SCHEMA), out / "manifest.parquet")
-    _write_json(out / "classes.json", {str(i): name for i, name in enumerate(classes)})
+    path = out / layout.MANIFEST_FILE
+    pq.write_table(manifest.cast(MANIFEST_SCHEMA), path)
+    _write_json(out / layout.CLASSES_FILE, {str(i): name for i, name in enumerate(classes)})
     if class_groups is not None:
-        _write_json(out / "class_groups.json", class_groups)
-    return out / "manifest.parquet"
+        _write_json(out / layout.CLASS_GROUPS_FILE, class_groups)
+    return path
 
 
 def _write_json(path: Path, obj) -> None:

@@ -11,6 +11,8 @@ truncated file often opens and then fails at the end). Zero-byte, corrupt, trunc
 undecodable videos go to the quarantine list in ``OUT/report.json`` with their error. Probing runs
 in worker processes; a decoder that kills its process (decord can abort on broken H.264) costs a
 retry of the videos in flight one by one, and quarantines the one that crashes.
+
+File and folder names come from :mod:`.layout`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from finegrain.datasets import layout
 from finegrain.datasets.readers import (
     MANIFEST_SCHEMA,
     SPLITS,
@@ -55,7 +57,6 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 ROW_GROUP_BYTES = 32 << 20  # readers hold one row group in memory, not a whole 256 MB shard
-_SHARD_FILE = re.compile(r"^(train|val|test)-\d{5}\.parquet$")
 SHOW_FIRST = 20  # quarantined videos named on stderr; report.json lists them all
 _FORMAT = 1  # bump when the shard layout changes so old shards are rebuilt
 
@@ -95,7 +96,9 @@ def plan_shards(manifest: pa.Table, shard_mb: float) -> list[Shard]:
                 size_now = 0
             runs[-1].append((row["video_id"], row["path"], row["label"], size, mtime))
             size_now += size
-        shards += [Shard(f"{split}-{k:05d}", split, tuple(run)) for k, run in enumerate(runs)]
+        shards += [
+            Shard(layout.shard_name(split, k), split, tuple(run)) for k, run in enumerate(runs)
+        ]
     return shards
 
 
@@ -288,7 +291,7 @@ def build_shards(
     workers = _check_options(shard_mb, workers)
     manifest = _as_table(manifest)
     out = Path(out)
-    shard_dir, meta_dir = out / "shards", out / "shard_meta"
+    shard_dir, meta_dir = out / layout.SHARDS_DIR, out / layout.META_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     meta_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -298,7 +301,7 @@ def build_shards(
     metas: dict[str, dict] = {}
     for shard in plan:
         meta = _read_sidecar(
-            meta_dir / f"{shard.name}.json", shard, shard_dir / f"{shard.name}.parquet"
+            layout.meta_path(out, shard.name), shard, layout.shard_path(out, shard.name)
         )
         if meta is not None:
             metas[shard.name] = meta
@@ -319,7 +322,7 @@ def build_shards(
         done_videos += 1
         shard = by_name[name]
         if len(results[name]) == len(shard.members):
-            metas[name] = _finish(shard, results.pop(name), shard_dir, meta_dir)
+            metas[name] = _finish(shard, results.pop(name), out)
             for q in metas[name]["quarantined"]:
                 quarantined += 1
                 if quarantined <= SHOW_FIRST:
@@ -343,11 +346,11 @@ def build_shards(
         "shards_skipped": len(plan) - len(todo),
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_json(out / "report.json", report)
+    _write_json(out / layout.REPORT_FILE, report)
     return report
 
 
-def _finish(shard: Shard, results: dict[int, tuple], shard_dir: Path, meta_dir: Path) -> dict:
+def _finish(shard: Shard, results: dict[int, tuple], out: Path) -> dict:
     """Write a shard's parquet file, then its sidecar."""
     rows, quarantined = [], []
     for i, (video_id, path, label, _, _) in enumerate(shard.members):
@@ -356,7 +359,7 @@ def _finish(shard: Shard, results: dict[int, tuple], shard_dir: Path, meta_dir: 
             quarantined.append({"video_id": video_id, "path": path, "error": error})
             continue
         rows.append({"video": data, "video_id": video_id, "label": label, **meta})
-    shard_file = shard_dir / f"{shard.name}.parquet"
+    shard_file = layout.shard_path(out, shard.name)
     file_bytes = _write_shard(shard_file, rows) if rows else 0
     if not rows:
         shard_file.unlink(missing_ok=True)
@@ -369,14 +372,16 @@ def _finish(shard: Shard, results: dict[int, tuple], shard_dir: Path, meta_dir: 
         "file_bytes": file_bytes,
         "quarantined": quarantined,
     }
-    _write_json(meta_dir / f"{shard.name}.json", meta)  # written last: marks the shard complete
+    _write_json(layout.meta_path(out, shard.name), meta)  # written last: marks the shard complete
     return meta
 
 
 def _remove_stale(shard_dir: Path, meta_dir: Path, planned: set[str]) -> None:
     """Drop shards of an older plan (and half-written temporaries) so readers never see them."""
     for f in shard_dir.iterdir():
-        if f.name.endswith(".tmp") or (_SHARD_FILE.match(f.name) and f.stem not in planned):
+        if f.name.endswith(".tmp") or (
+            layout.shard_split(f.name) in SPLITS and f.stem not in planned
+        ):
             f.unlink()
     for f in meta_dir.iterdir():
         if f.name.endswith(".tmp") or f.stem not in planned:

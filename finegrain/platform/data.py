@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finegrain.datasets.layout import CLASS_GROUPS_FILE, CLASSES_FILE, REPORT_FILE, has_split
 from finegrain.platform.config import ExperimentConfig
-from finegrain.platform.tracking import run_root
+from finegrain.platform.paths import run_root
 
 
 @dataclass
@@ -24,7 +25,7 @@ class DataSpec:
     @property
     def val_split(self) -> str:
         """``val`` where the shards have one, else ``test`` (UCF101, HMDB51)."""
-        return "val" if any(self.shards.glob("shards/val-*.parquet")) else "test"
+        return "val" if has_split(self.shards, "val") else "test"
 
     def clip_config(self, cfg: ExperimentConfig, train: bool):
         from finegrain.datasets.pipeline import ClipConfig
@@ -121,7 +122,7 @@ class DataSpec:
         return {
             split: sum(split_rows(self.shards, split).values())
             for split in ("train", "val", "test")
-            if any(self.shards.glob(f"shards/{split}-*.parquet"))
+            if has_split(self.shards, split)
         }
 
     def train_rows(self) -> int:
@@ -196,21 +197,23 @@ def prepare_data(cfg: ExperimentConfig, quiet: bool = False) -> DataSpec:
             kind=s.kind,
             val_videos_per_class=s.val_videos_per_class,
         )
-        if not (out / "report.json").exists():
+        if not (out / REPORT_FILE).exists():
             prepare("ssv2", raw, out, extensions=("mp4",), shard_mb=4, progress=not quiet)
     else:
         out = run_root(cfg.run.dir) / "data" / f"{d.dataset}-split{d.split}"
-        if not (out / "report.json").exists():
+        if not (out / REPORT_FILE).exists():
             prepare(d.dataset, d.root, out, split=d.split, progress=not quiet)
     return load_spec(out)
 
 
 def load_spec(out: Path) -> DataSpec:
-    if not (out / "classes.json").is_file():
-        raise FileNotFoundError(f"{out}: no classes.json; build shards with build_shards.py first")
-    classes_map = json.loads((out / "classes.json").read_text())
+    if not (out / CLASSES_FILE).is_file():
+        raise FileNotFoundError(
+            f"{out}: no {CLASSES_FILE}; build shards with build_shards.py first"
+        )
+    classes_map = json.loads((out / CLASSES_FILE).read_text())
     classes = [classes_map[str(i)] for i in range(len(classes_map))]
-    groups_file = out / "class_groups.json"
+    groups_file = out / CLASS_GROUPS_FILE
     groups = json.loads(groups_file.read_text()) if groups_file.is_file() else {}
     return DataSpec(out, classes, groups)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from finegrain.platform import tracking
+from finegrain.platform import paths, tracking
 from finegrain.platform.config import ExperimentConfig
 
 
@@ -86,8 +86,8 @@ def tracking_server(base: ExperimentConfig):
         with _active(uri):
             yield uri
         return
-    root = tracking.run_root(base.run.dir)
-    server = tracking.LocalServer(uri, tracking.artifact_root(base.run.dir), root / "mlflow.log")
+    root = paths.run_root(base.run.dir)
+    server = tracking.LocalServer(uri, paths.artifact_root(base.run.dir), root / "mlflow.log")
     with server as http_uri, _active(http_uri):
         tracking.start_relay(http_uri)
         yield http_uri

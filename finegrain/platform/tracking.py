@@ -1,4 +1,4 @@
-"""MLflow tracking: where runs go, and the run lifecycle.
+"""MLflow tracking: where runs go, and the run lifecycle (the run directory's paths: :mod:`.paths`).
 
 Embedded default: a SQLite store at an absolute path under the run directory
 (``sqlite:////abs/runs/mlflow.db``; MLflow refuses ``file:`` stores and a relative SQLite path
@@ -45,16 +45,13 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from finegrain.datasets.layout import CLASSES_FILE, SHARDS_DIR  # noqa: E402
+from finegrain.platform.paths import artifact_root, project_root, run_root  # noqa: E402
+
+# artifact_root, project_root and run_root live in .paths (no MLflow there); callers that import
+# them from here keep working.
+
 RUN_NAME_TAG = "finegrain.run_name"
-
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def run_root(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir)
-    return (path if path.is_absolute() else project_root() / path).resolve()
 
 
 def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -70,10 +67,6 @@ def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
     root = run_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
-
-
-def artifact_root(run_dir: str | os.PathLike) -> Path:
-    return run_root(run_dir) / "mlartifacts"
 
 
 def ui_command(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
@@ -179,9 +172,9 @@ def log_dataset(uri: str, run_id: str, name: str, shards: Path, splits: dict[str
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     h = hashlib.sha256()
-    for f in sorted(Path(shards).glob("shards/*.parquet")):
+    for f in sorted((Path(shards) / SHARDS_DIR).glob("*.parquet")):
         h.update(f"{f.name}:{f.stat().st_size};".encode())
-    classes = Path(shards) / "classes.json"
+    classes = Path(shards) / CLASSES_FILE
     if classes.is_file():
         h.update(classes.read_bytes())
     dataset = Dataset(

@@ -24,6 +24,12 @@ Each worker runs :func:`train_loop_per_worker`:
 - a checkpoint every epoch through ``ray.train.report``; the best model by val top-1 is kept in
   the run directory. Re-running with the same run name resumes from the latest checkpoint;
   ``FailureConfig(max_failures)`` restarts the workers after a failure, from that checkpoint.
+
+A worker's loop (``_Loop``) holds small parts that share its model: :class:`Stages` (the plan and
+the current stage's optimizers), :class:`Trainer`, :class:`Evaluator`, and
+:class:`~finegrain.platform.streams.Streams` (data),
+:class:`~finegrain.platform.checkpoints.Checkpoints` and
+:class:`~finegrain.platform.runlog.RunLog` (console and MLflow), in modules of their own.
 """
 
 from __future__ import annotations
@@ -31,8 +37,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -55,13 +59,15 @@ from finegrain.models.base import (
     TrainingStage,
     trainable_named_parameters,
 )
-from finegrain.platform import cluster, tracking
+from finegrain.platform import cluster, paths, tracking
+from finegrain.platform.checkpoints import CHECKPOINT_FILE as CHECKPOINT_FILE
+from finegrain.platform.checkpoints import Checkpoints
 from finegrain.platform.config import ExperimentConfig
 from finegrain.platform.data import DataSpec, bad_video_note, dataset_name, prepare_data
-from finegrain.platform.logs import quiet_ray_logs
 from finegrain.platform.metrics import average_views, classification_metrics
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from finegrain.platform.runlog import RunLog
+from finegrain.platform.streams import Streams
+from finegrain.platform.worker import Progress, Worker, say
 
 
 @dataclass
@@ -100,7 +106,7 @@ def run_experiment(
     ``in_trial``: driven by a Tune trial (a sweep or suite sized the cluster already).
     """
     run_name = cfg.run.name or default_run_name(cfg)
-    root = tracking.run_root(cfg.run.dir)
+    root = paths.run_root(cfg.run.dir)
     uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.dir)
     facts = check_model(cfg)
     data = prepare_data(cfg, quiet=quiet)
@@ -199,7 +205,7 @@ def build_trainer(
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    root = tracking.run_root(cfg.run.dir)
+    root = paths.run_root(cfg.run.dir)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "run_name": run_name,
@@ -241,15 +247,6 @@ def build_trainer(
 
 
 # ---------------------------------------------------------------------------------- worker
-
-
-def say(message: str) -> None:
-    """One line of a worker's progress on the driver's console, once.
-
-    Train V2 patches ``print`` to tee into its logger, which Ray also forwards to the driver:
-    every line would show twice. Writing to the process's real stdout is forwarded once.
-    """
-    print(message, file=sys.__stdout__, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -391,82 +388,24 @@ def autocast_context(cfg: ExperimentConfig, device: torch.device):
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-class Replay:
-    """A uniform sample of one epoch's training batches (``uint8`` clips, on the CPU), at most
-    ``max_bytes``: every batch of the epoch when they fit (reservoir sampling, seeded).
+class Stages:
+    """The method's training stages over the run's epochs, and the current stage's optimizers:
+    fresh ones (the hook's too) and their own LR schedules at every stage, and the DDP model."""
 
-    What a method may look at between epochs without decoding anything again: the batches
-    ``begin_stage`` passes over (U2S's category similarity matrix from the trained universal
-    network).
-    """
-
-    def __init__(self, max_bytes: int, seed: int) -> None:
-        self.max_bytes, self.seed = max_bytes, seed
-        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.seen = 0
-        self.rng = random.Random(seed)
-
-    def start(self, epoch: int) -> None:
-        self.batches, self.seen, self.rng = [], 0, random.Random(f"{self.seed}/{epoch}")
-
-    def offer(self, clips: torch.Tensor, labels: torch.Tensor) -> None:
-        self.seen += 1
-        size = clips.numel() * clips.element_size()
-        capacity = max(1, self.max_bytes // max(size, 1))
-        if len(self.batches) < capacity:
-            self.batches.append((clips.cpu(), labels.cpu()))
-        elif (k := self.rng.randrange(self.seen)) < capacity:
-            self.batches[k] = (clips.cpu(), labels.cpu())
-
-
-class _Loop:
-    """State of one worker's training loop (kept in one place so checkpoints are complete)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        from finegrain.datasets.pipeline import to_model_input
-
-        self.cfg = ExperimentConfig.model_validate(config["cfg"])
-        self.config = config
-        self.to_model_input = to_model_input
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        quiet_ray_logs()
-        self.device = ray.train.torch.get_device()
-        torch.set_num_threads(self.cfg.scaling.threads_per_worker)
-        seed_everything(self.cfg.run.seed)  # identical initial weights on every rank
-        opts = self.cfg.model.options()
-        self.model: FineGrainModel = build_model(
-            self.cfg.model.method, len(config["classes"]), self.cfg.model.backbone, **opts
-        ).to(self.device)
-        seed_everything(self.cfg.run.seed * 1000 + self.rank + 1)  # per-rank noise (Gumbel...)
-        self.needs_labels = getattr(self.model, "needs_labels", False)
-        self.stages = self.model.training_stages()
-        self.plan = stage_plan(self.stages, self.cfg.optim.epochs, self.cfg.optim.stage_epochs)
+    def __init__(self, worker: Worker, model: FineGrainModel) -> None:
+        self.worker, self.model = worker, model
+        cfg = worker.cfg
+        self.items = model.training_stages()
+        self.plan = stage_plan(self.items, cfg.optim.epochs, cfg.optim.stage_epochs)
         self.total_epochs = sum(self.plan)
-        self.run_dir = Path(config["run_dir"])
-        self.logger = (
-            tracking.RunLogger(config["tracking_uri"], config["run_id"])
-            if self.rank == 0 and config.get("run_id")
-            else None
-        )
-        self.autocast, self.scaler = autocast_context(self.cfg, self.device)
-        self.spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
-        self.streams = int(config["streams"])
-        self.bad_log = config["bad_log"]
-        self.val_cache: list | None = None  # this rank's decoded validation batches, if kept
-        self.replay = Replay(self.cfg.data.replay_mb * 2**20, self.cfg.run.seed)
-        self.bad_logged = 0  # bad videos already logged to MLflow
-        self.stream = None  # the training batches of every remaining epoch: made on first use
-        self.stage_index = -1
+        self.index = -1
         self.optimizer = self.scheduler = self.ddp = None
         self.hook_optimizer = self.hook_scheduler = None
-        rows = self.spec.train_rows()
-        per_rank = -(-rows // self.world)  # the training sequence is padded: every rank alike
-        self.steps_per_epoch = max(1, -(-per_rank // self.cfg.optim.batch_size))
-        self.start_epoch, self.best_top1, self.global_step = 0, -1.0, 0
 
-    # --- stages --------------------------------------------------------------------------
-    def stage_at(self, epoch: int) -> tuple[int, int]:
+    def __getitem__(self, index: int) -> TrainingStage:
+        return self.items[index]
+
+    def at(self, epoch: int) -> tuple[int, int]:
         """(stage index, epoch within the stage)."""
         for i, n in enumerate(self.plan):
             if epoch < n:
@@ -474,293 +413,172 @@ class _Loop:
             epoch -= n
         return len(self.plan) - 1, self.plan[-1] - 1
 
-    def enter_stage(self, index: int) -> None:
-        """Stage ``index``: the model's own set-up, then fresh optimizers (warm-up in the first
-        stage only, unless ``optim.warmup_every_stage``) and each stage its own schedule."""
-        stage = self.stages[index]
-        self.model.begin_stage(index, self.replayed_batches, reduce_mean)
-        params = trainable_named_parameters(self.model, stage)
-        warmup = index == 0 or self.cfg.optim.warmup_every_stage
-        pretrained = self.model.pretrained_prefixes()
-        self.optimizer = make_optimizer(self.cfg, params, stage.lr_scale, pretrained)
-        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.plan[index], warmup)
-        hook = self.model.hook_parameters()
-        self.hook_optimizer = make_optimizer(self.cfg, hook, stage.lr_scale) if hook else None
+    def enter(self, index: int, batches) -> None:
+        """Stage ``index``: the model's own set-up (over ``batches()``, the replay), then fresh
+        optimizers (warm-up in the first stage only, unless ``optim.warmup_every_stage``) and
+        each stage its own schedule."""
+        cfg, model = self.worker.cfg, self.model
+        stage = self.items[index]
+        model.begin_stage(index, batches, reduce_mean)
+        params = trainable_named_parameters(model, stage)
+        warmup = index == 0 or cfg.optim.warmup_every_stage
+        pretrained = model.pretrained_prefixes()
+        self.optimizer = make_optimizer(cfg, params, stage.lr_scale, pretrained)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.plan[index], warmup)
+        hook = model.hook_parameters()
+        self.hook_optimizer = make_optimizer(cfg, hook, stage.lr_scale) if hook else None
         self.hook_scheduler = (
-            make_scheduler(self.cfg, self.hook_optimizer, self.plan[index], warmup)
-            if hook
-            else None
+            make_scheduler(cfg, self.hook_optimizer, self.plan[index], warmup) if hook else None
         )
-        kwargs = {"find_unused_parameters": True} if self.world > 1 else {}
+        kwargs = {"find_unused_parameters": True} if self.worker.world > 1 else {}
         self.ddp = ray.train.torch.prepare_model(
-            self.model, move_to_device=False, parallel_strategy_kwargs=kwargs
+            model, move_to_device=False, parallel_strategy_kwargs=kwargs
         )
-        self.stage_index = index
+        self.index = index
 
-    # --- data ----------------------------------------------------------------------------
-    def model_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        clips = self.to_model_input(batch["clips"].to(self.device, non_blocking=True))
-        return clips, batch["labels"].to(self.device)
 
-    def open_stream(self, epoch: int) -> None:
-        """The run's one data stream, from ``epoch`` to the end."""
-        from finegrain.datasets.pipeline import EpochBatches
+class Trainer:
+    """One epoch's training steps (every rank takes as many), with the model's meta step when
+    it draws from further samplers; gradient clipping, AMP, fault injection."""
 
-        ds = self.spec.run_dataset(
-            self.cfg,
-            list(range(epoch, self.total_epochs)),
-            self.rank,
-            self.world,
-            streams=self.streams,
-            bad_log=self.bad_log,
-        )
-        self.stream = EpochBatches(
-            ds,
-            self.cfg.optim.batch_size,
-            streams=self.streams,
-            eval_batch_size=self.cfg.eval.batch_size,
-        )
-        self.keep_val = self.spec.val_fits(self.cfg, self.world)
-        self.val_epoch = epoch  # where the stream plans the validation views when kept
+    def __init__(
+        self,
+        worker: Worker,
+        model: FineGrainModel,
+        stages: Stages,
+        streams: Streams,
+        progress: Progress,
+        scaler: torch.amp.GradScaler | None,
+        autocast,
+    ) -> None:
+        self.worker, self.model, self.stages, self.streams = worker, model, stages, streams
+        self.progress, self.scaler, self.autocast = progress, scaler, autocast
 
-    def epoch_batches(self, epoch: int):
-        """This rank's training batches of ``epoch``, from the run's one data stream."""
-        if self.stream is None:
-            self.open_stream(epoch)
-        return self.stream.epoch(epoch)
-
-    def replayed_batches(self):
-        """The previous epoch's training batches as the replay kept them (model input).
-
-        A run resumed right at a stage boundary has no replay yet: the previous epoch's clips
-        are decoded again, with their own seed-fixed sampling, in a pass of their own (before
-        the run's stream starts).
-        """
-        if not self.replay.batches and self.start_epoch > 0:
-            from finegrain.datasets.pipeline import iter_clip_batches
-
-            previous = self.start_epoch - 1
-            self.replay.start(previous)
-            ds = self.spec.train_stream(
-                self.cfg, [previous], self.rank, self.world, bad_log=self.bad_log
-            )
-            for batch in iter_clip_batches(ds, self.cfg.optim.batch_size):
-                self.replay.offer(batch["clips"], batch["labels"])
-        for clips, labels in self.replay.batches:
-            yield self.to_model_input(clips.to(self.device)), labels.to(self.device)
-
-    def val_batches(self, epoch: int):
-        """This rank's share of every validation view: decoded once and kept, or decoded
-        after each epoch's training clips, in the same stream."""
-        if self.stream is None:
-            self.open_stream(epoch)
-        if self.keep_val:
-            if self.val_cache is None:
-                self.val_cache = list(self.stream.evaluation(self.val_epoch))
-            batches = self.val_cache
-        else:
-            batches = self.stream.evaluation(epoch)
-        for batch in batches:
-            yield (*self.model_input(batch), batch)
-
-    # --- checkpoints ---------------------------------------------------------------------
-    def export_model(self, checkpoint: Path) -> Path:
-        """``model.pt`` beside the best checkpoint: its weights and what rebuilds the model,
-        without the optimizer state (the resumable checkpoint stays in the run directory)."""
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        cfg = self.cfg
-        out = checkpoint.with_name("model.pt")
-        torch.save(
-            {
-                "model": state["model"],
-                "hook": state["hook"],
-                "epoch": state["epoch"],
-                "best_top1": state["best_top1"],
-                "method": cfg.model.method,
-                "backbone": cfg.model.backbone,
-                "options": cfg.resolved()["model"],
-                "classes": list(self.config["classes"]),
-            },
-            out,
-        )
-        return out
-
-    def state(self, epoch: int) -> dict:
-        return {
-            "epoch": epoch,
-            "stage": self.stage_index,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "hook": self.model.hook_state_dict(),
-            "best_top1": self.best_top1,
-            "global_step": self.global_step,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "hook_optimizer": self.hook_optimizer.state_dict() if self.hook_optimizer else None,
-            "hook_scheduler": self.hook_scheduler.state_dict() if self.hook_scheduler else None,
-            "rng": self.rng_states(),  # every rank's: a resumed run draws what it would have
-        }
-
-    def rng_states(self) -> list:
-        """Every rank's (torch, numpy, python) random state, gathered to all ranks."""
-        mine = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        if self.world == 1:
-            return [mine]
-        states: list = [None] * self.world
-        dist.all_gather_object(states, mine)
-        return states
-
-    def restore(self) -> None:
-        """Continue after the latest checkpoint: its weights, optimizer and schedule, and its
-        epoch, from which the data stream is planned (each epoch's clips are fixed by the seed
-        and the epoch, so the resumed epochs see what an uninterrupted run would)."""
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        with ckpt.as_directory() as d:
-            # this run's own checkpoint (optimizer and random states are not plain tensors)
-            state = torch.load(
-                Path(d) / CHECKPOINT_FILE, map_location=self.device, weights_only=False
-            )
-        self.model.load_state_dict(state["model"])
-        self.model.load_hook_state_dict(state["hook"])
-        self.start_epoch = state["epoch"] + 1
-        self.best_top1 = state["best_top1"]
-        self.global_step = state["global_step"]
-        rng = state.get("rng")
-        if rng and len(rng) == self.world:
-            torch_state, np_state, py_state = rng[self.rank]
-            torch.set_rng_state(torch_state)
-            np.random.set_state(np_state)
-            random.setstate(py_state)
-        if self.start_epoch >= self.total_epochs:
-            return
-        index, _ = self.stage_at(self.start_epoch)
-        self.enter_stage(index)
-        if index == state["stage"]:  # same stage: continue its optimizer and schedule
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler and state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-            if self.hook_optimizer and state.get("hook_optimizer"):
-                self.hook_optimizer.load_state_dict(state["hook_optimizer"])
-                self.hook_scheduler.load_state_dict(state["hook_scheduler"])
-        if self.rank == 0:
-            say(f"[{self.config['run_name']}] resumed at epoch {self.start_epoch + 1}")
-
-    def save(self, epoch: int, metrics: dict, is_best: bool) -> None:
-        state = self.state(epoch)  # every rank: it gathers their random states
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if self.rank == 0:
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
-                if is_best:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(Path(d) / CHECKPOINT_FILE, self.run_dir / "best.pt")
-                checkpoint = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-    # --- steps ---------------------------------------------------------------------------
     def maybe_fail(self) -> None:
         """Fault injection (``run.fail_at_step``): the last rank raises once, at that step."""
-        step = self.cfg.run.fail_at_step
-        if step is None or self.global_step != step or self.rank != self.world - 1:
+        w = self.worker
+        step = w.cfg.run.fail_at_step
+        if step is None or self.progress.global_step != step or w.rank != w.world - 1:
             return
-        marker = self.run_dir / f"fault_injected_at_{step}"
+        marker = w.run_dir / f"fault_injected_at_{step}"
         if marker.exists():
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        w.run_dir.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        raise RuntimeError(f"fault injection: rank {self.rank} fails at step {step}")
+        raise RuntimeError(f"fault injection: rank {w.rank} fails at step {step}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        self.model.train()
-        self.replay.start(epoch)
-        batches = self.epoch_batches(epoch)
+        w, cfg, model = self.worker, self.worker.cfg, self.model
+        streams, stages = self.streams, self.stages
+        model.train()
+        streams.replay.start(epoch)
+        batches = streams.epoch_batches(epoch)
         losses, clips_seen, extra_stats, step = [], 0, {}, 0
         start = time.perf_counter()
         while True:
             batch = next(batches, None)
-            extras = [self.stream.extra(epoch, s) for s in range(1, self.streams)]
+            extras = streams.extras(epoch)
             ready = batch is not None and all(e is not None for e in extras)
-            if not all_ranks_have(ready, self.device):
+            if not all_ranks_have(ready, w.device):
                 break  # ranks take the same number of steps (the rest of the epoch is skipped)
             self.maybe_fail()
-            self.model.progress = epoch + step / self.steps_per_epoch
-            self.replay.offer(batch["clips"], batch["labels"])
-            clips, labels = self.model_input(batch)
+            model.progress = epoch + step / streams.steps_per_epoch
+            streams.replay.offer(batch["clips"], batch["labels"])
+            clips, labels = streams.model_input(batch)
             meta = None
             if extras:  # the model's meta step runs inside its forward (DSTS's UDL)
                 meta = MetaContext(
                     labels=labels,
-                    extras=[self.model_input(e) for e in extras],
+                    extras=[streams.model_input(e) for e in extras],
                     reduce=reduce_mean,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    optimizer=self.hook_optimizer,
+                    lr=stages.optimizer.param_groups[0]["lr"],
+                    optimizer=stages.hook_optimizer,
                 )
             with self.autocast:
-                output = self.ddp(clips, meta=meta) if meta else self.ddp(clips)
-                loss = self.model.loss(output, labels)
+                output = stages.ddp(clips, meta=meta) if meta else stages.ddp(clips)
+                loss = model.loss(output, labels)
             for k, v in (meta.stats if meta else {}).items():
                 extra_stats.setdefault(k, []).append(float(v))
-            self.optimizer.zero_grad(set_to_none=True)
+            stages.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
+                self.scaler.unscale_(stages.optimizer)
             else:
                 loss.backward()
-            if self.cfg.optim.grad_clip:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            if cfg.optim.grad_clip:
+                params = [p for g in stages.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             if self.scaler:
-                self.scaler.step(self.optimizer)
+                self.scaler.step(stages.optimizer)
                 self.scaler.update()
             else:
-                self.optimizer.step()
+                stages.optimizer.step()
             losses.append(loss.item())
             clips_seen += len(labels) + sum(len(e["labels"]) for e in extras)
-            self.global_step += 1
+            self.progress.global_step += 1
             step += 1
-            if (
-                self.rank == 0
-                and self.cfg.run.log_every
-                and self.global_step % self.cfg.run.log_every == 0
-            ):
-                say(f"  step {self.global_step} loss {loss.item():.4f}")
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        self.scheduler.step()
-        if self.hook_scheduler:
-            self.hook_scheduler.step()
+            global_step = self.progress.global_step
+            if w.rank == 0 and cfg.run.log_every and global_step % cfg.run.log_every == 0:
+                say(f"  step {global_step} loss {loss.item():.4f}")
+        lr = stages.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        stages.scheduler.step()
+        if stages.hook_scheduler:
+            stages.hook_scheduler.step()
         elapsed = time.perf_counter() - start
         out = {
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_clips_per_s": clips_seen * self.world / max(elapsed, 1e-9),
+            "train_clips_per_s": clips_seen * w.world / max(elapsed, 1e-9),
             "lr": lr,
         }
         out.update({f"train_{k}": float(np.mean(v)) for k, v in extra_stats.items()})
         return out
 
+    def rank_drift(self) -> float:
+        """Largest difference between ranks of the sum of |parameters| (0 when in sync)."""
+        world = self.worker.world
+        if not (dist.is_available() and dist.is_initialized()) or world == 1:
+            return 0.0
+        with torch.no_grad():
+            total = torch.stack([p.detach().double().abs().sum() for p in self.model.parameters()])
+            mine = total.sum().reshape(1).to(self.worker.device)
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        values = torch.cat(gathered)
+        return (values.max() - values.min()).item()
+
+
+class Evaluator:
+    """Every validation view, each exactly once across the ranks, views of a video averaged
+    (torchmetrics); and precise BN on a sample of the epoch's replay before it."""
+
+    def __init__(self, worker: Worker, model: FineGrainModel, streams: Streams, autocast) -> None:
+        self.worker, self.model, self.streams, self.autocast = worker, model, streams, autocast
+        self.needs_labels = getattr(model, "needs_labels", False)
+
     def recalibrate_bn(self, epoch: int) -> int:
         """Precise BN on ``eval.precise_bn_batches`` batches of the epoch's replay (a seeded
         uniform draw: a run's batches, not the epoch's last ones, which may hold few classes)."""
-        k = self.cfg.eval.precise_bn_batches
-        if not k or not self.replay.batches:
+        cfg, replay = self.worker.cfg, self.streams.replay
+        k = cfg.eval.precise_bn_batches
+        if not k or not replay.batches:
             return 0
-        pool = self.replay.batches
-        chosen = random.Random(f"{self.cfg.run.seed}/bn/{epoch}").sample(
+        pool = replay.batches
+        chosen = random.Random(f"{cfg.run.seed}/bn/{epoch}").sample(
             range(len(pool)), min(k, len(pool))
         )
         self.model.train()
-        batches = ((self.to_model_input(pool[i][0].to(self.device)), pool[i][1]) for i in chosen)
+        to_input, device = self.streams.to_model_input, self.worker.device
+        batches = ((to_input(pool[i][0].to(device)), pool[i][1]) for i in chosen)
         with self.autocast:
             return precise_bn(self.model, batches, reduce_mean)
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> tuple[dict, dict]:
+        config, world = self.worker.config, self.worker.world
         self.model.eval()
         logits, labels, ids, diagnostics, sample = [], [], [], None, None
         branches: dict[str, list] = {}
-        for clips, y, batch in self.val_batches(epoch):
+        for clips, y, batch in self.streams.val_batches(epoch):
             with self.autocast:  # U2S's oracle variant selects masks by the true class
                 output = self.model(clips, labels=y) if self.needs_labels else self.model(clips)
             logits.append(output.logits.float().cpu())
@@ -775,7 +593,7 @@ class _Loop:
                     "labels": y[:4].cpu(),
                     "all_labels": y.cpu(),  # aligned with the batch's diagnostics
                 }
-        k = len(self.config["classes"])
+        k = len(config["classes"])
         local = (
             torch.cat(logits) if logits else torch.zeros(0, k),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
@@ -783,8 +601,8 @@ class _Loop:
             {name: torch.cat(z) for name, z in branches.items()},
         )
         parts = [local]
-        if dist.is_available() and dist.is_initialized() and self.world > 1:
-            parts = [None] * self.world
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            parts = [None] * world
             dist.all_gather_object(parts, local)
         all_logits = torch.cat([p[0] for p in parts])
         all_labels = torch.cat([p[1] for p in parts])
@@ -798,11 +616,7 @@ class _Loop:
             hits = (branch_probs.argmax(1) == video_labels).float().mean().item()
             branch_top1[f"branch_top1_{name}"] = hits
         result = classification_metrics(
-            probs,
-            video_labels,
-            len(self.config["classes"]),
-            self.config["classes"],
-            self.config["class_groups"],
+            probs, video_labels, len(config["classes"]), config["classes"], config["class_groups"]
         )
         result["videos"] = len(video_labels)
         result.update(branch_top1)
@@ -812,9 +626,10 @@ class _Loop:
         """Every validation view of every decodable video, each exactly once across the ranks."""
         from finegrain.datasets.pipeline import split_rows
 
-        views = self.cfg.eval.clips * self.cfg.eval.crops
-        videos = sum(split_rows(self.spec.shards, self.spec.val_split).values())
-        bad = ray.get(self.bad_log.summary.remote(self.spec.val_split))["count"]
+        cfg, spec = self.worker.cfg, self.streams.spec
+        views = cfg.eval.clips * cfg.eval.crops
+        videos = sum(split_rows(spec.shards, spec.val_split).values())
+        bad = ray.get(self.worker.bad_log.summary.remote(spec.val_split))["count"]
         expected = (videos - bad) * views
         seen = {}
         for i in ids:
@@ -827,110 +642,87 @@ class _Loop:
         if not ids:
             raise RuntimeError("the validation split produced no clips (see the data report)")
 
-    def rank_drift(self) -> float:
-        """Largest difference between ranks of the sum of |parameters| (0 when in sync)."""
-        if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
-            return 0.0
-        with torch.no_grad():
-            total = torch.stack([p.detach().double().abs().sum() for p in self.model.parameters()])
-            mine = total.sum().reshape(1).to(self.device)
-        gathered = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(gathered, mine)
-        values = torch.cat(gathered)
-        return (values.max() - values.min()).item()
 
-    def record_run_facts(self) -> None:
-        """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order) and its
-        ``total_epochs`` (what a sweep compares a stopped trial's progress with)."""
-        nodes: list[str | None] = [None] * self.world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        if self.rank == 0:
-            self.logger.tags({"worker_nodes": ",".join(nodes), "total_epochs": self.total_epochs})
+class _Loop:
+    """One worker's training loop: the model, and the parts that train, evaluate, checkpoint
+    and log it (they share the model and state, so checkpoints are complete), epoch by epoch."""
 
-    # --- the loop ------------------------------------------------------------------------
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.worker = w = Worker.start(config)
+        cfg = w.cfg
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        opts = cfg.model.options()
+        self.model: FineGrainModel = build_model(
+            cfg.model.method, len(config["classes"]), cfg.model.backbone, **opts
+        ).to(w.device)
+        seed_everything(cfg.run.seed * 1000 + w.rank + 1)  # per-rank noise (Gumbel...)
+        self.stages = Stages(w, self.model)
+        self.progress = Progress()
+        self.autocast, scaler = autocast_context(cfg, w.device)
+        spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
+        self.streams = Streams(w, spec, self.stages.total_epochs)
+        self.checkpoints = Checkpoints(w, self.model, self.stages, scaler, self.progress)
+        self.log = RunLog(w, self.stages, self.progress, self.checkpoints)
+        self.trainer = Trainer(
+            w, self.model, self.stages, self.streams, self.progress, scaler, self.autocast
+        )
+        self.evaluator = Evaluator(w, self.model, self.streams, self.autocast)
+
+    def enter_stage(self, index: int) -> None:
+        """Stage ``index``, set up over the replay of the previous epoch."""
+        self.stages.enter(index, lambda: self.streams.replayed_batches(self.progress.start_epoch))
+
+    def resume(self) -> None:
+        """Continue after the latest checkpoint: its weights, random states and epoch, from
+        which the data stream is planned (each epoch's clips are fixed by the seed and the
+        epoch, so the resumed epochs see what an uninterrupted run would), and its stage's
+        optimizers and schedule when it resumes in that stage."""
+        state = self.checkpoints.restore()
+        start = self.progress.start_epoch
+        if state is None or start >= self.stages.total_epochs:
+            return
+        index, _ = self.stages.at(start)
+        self.enter_stage(index)
+        if index == state["stage"]:  # same stage: continue its optimizer and schedule
+            self.checkpoints.restore_optimizers(state)
+        if self.worker.rank == 0:
+            say(f"[{self.worker.config['run_name']}] resumed at epoch {start + 1}")
+
     def run(self) -> None:
-        self.record_run_facts()
-        self.restore()
+        cfg, total, progress = self.worker.cfg, self.stages.total_epochs, self.progress
+        self.log.record_run_facts()
+        self.resume()
         run_start = time.perf_counter()
-        for epoch in range(self.start_epoch, self.total_epochs):
-            index, _ = self.stage_at(epoch)
-            if index != self.stage_index:
+        for epoch in range(progress.start_epoch, total):
+            index, _ = self.stages.at(epoch)
+            if index != self.stages.index:
                 self.enter_stage(index)
-            train = self.train_epoch(epoch)
-            last = epoch + 1 == self.total_epochs
+            train = self.trainer.train_epoch(epoch)
+            last = epoch + 1 == total
             # the last epoch says what precise BN changed (when the views are kept: they are
             # read twice)
-            measure = last and self.cfg.eval.precise_bn_batches and self.keep_val
-            plain = self.evaluate(epoch)[0] if measure else None
-            self.recalibrate_bn(epoch)
-            val, extra = self.evaluate(epoch)
+            measure = last and cfg.eval.precise_bn_batches and self.streams.keep_val
+            plain = self.evaluator.evaluate(epoch)[0] if measure else None
+            self.evaluator.recalibrate_bn(epoch)
+            val, extra = self.evaluator.evaluate(epoch)
             if plain is not None:
                 train["val_top1_without_precise_bn"] = plain["top1"]
             top1 = val["top1"]
-            is_best = top1 > self.best_top1
-            self.best_top1 = max(self.best_top1, top1)
+            is_best = top1 > progress.best_top1
+            progress.best_top1 = max(progress.best_top1, top1)
             metrics = {  # first the four that Tune's trial table shows
                 "epoch": epoch + 1,
                 "val_top1": top1,
-                "val_best_top1": self.best_top1,
+                "val_best_top1": progress.best_top1,
                 **train,
                 "stage": index,
                 **{f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)},
-                "rank_param_drift": self.rank_drift(),
-                "total_epochs": self.total_epochs,  # for Tune's searcher: stopped early or not
+                "rank_param_drift": self.trainer.rank_drift(),
+                "total_epochs": total,  # for Tune's searcher: stopped early or not
             }
-            if self.rank == 0:
-                self.log_epoch(epoch, metrics, val, extra, run_start, is_best)
-            self.save(epoch, metrics, is_best)
-
-    def log_epoch(self, epoch, metrics, val, extra, run_start, is_best) -> None:
-        done = epoch + 1 - self.start_epoch
-        per_epoch = (time.perf_counter() - run_start) / done
-        eta = per_epoch * (self.total_epochs - epoch - 1)
-        stage = self.stages[metrics["stage"]].name
-        say(
-            f"[{self.config['run_name']}] epoch {epoch + 1}/{self.total_epochs} ({stage}) "
-            f"loss {metrics['train_loss']:.3f} val top1 {100 * val['top1']:.1f}% "
-            f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
-            f"ETA {eta:.0f}s"
-        )
-        constant = ("epoch", "total_epochs")  # the step, and a tag
-        self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
-        self.log_bad_videos(epoch + 1)
-        last = epoch + 1 == self.total_epochs
-        if is_best or last:
-            self.log_artifacts(val, extra, final=last)
-
-    def log_bad_videos(self, step: int) -> None:
-        """The videos skipped so far, logged as they appear (a run stopped later keeps them)."""
-        bad = ray.get(self.bad_log.summary.remote())
-        if bad["count"] > self.bad_logged:
-            self.logger.metrics({"bad_videos": bad["count"]}, step=step)
-            self.logger.text(bad_video_note(bad) + "\n", "bad_videos.txt")
-            self.bad_logged = bad["count"]
-
-    def log_artifacts(self, val, extra, final: bool) -> None:
-        from finegrain.platform import figures
-
-        names = self.config["classes"]
-        self.logger.text(
-            figures.per_class_csv(names, val["per_class"]), "eval/per_class_accuracy.csv"
-        )
-        self.logger.figure(
-            figures.confusion_matrix(val["confusion"], names, self.config["class_groups"]),
-            "eval/confusion_matrix.png",
-        )
-        for name, fig in figures.method_figures(
-            self.cfg.model.method,
-            extra["diagnostics"],
-            extra["sample"],
-            names,
-            self.config["class_groups"],
-        ).items():
-            self.logger.figure(fig, f"diagnostics/{name}.png")
-        if final and (self.run_dir / "best.pt").exists():
-            self.logger.artifact(self.export_model(self.run_dir / "best.pt"), "model")
-        figures.close_all()
+            if self.worker.rank == 0:
+                self.log.log_epoch(epoch, metrics, val, extra, run_start, is_best)
+            self.checkpoints.save(epoch, metrics, is_best)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -942,19 +734,20 @@ def evaluate_loop_per_worker(config: dict[str, Any]) -> None:
     from finegrain.datasets.pipeline import EVAL, EpochBatches
 
     loop = _Loop(config)
-    state = torch.load(config["checkpoint"], map_location=loop.device, weights_only=False)
+    w, streams = loop.worker, loop.streams
+    state = torch.load(config["checkpoint"], map_location=w.device, weights_only=False)
     loop.model.load_state_dict(state["model"] if "model" in state else state)
     # evaluation only: this rank's share of the validation views, in one pass
-    ds = loop.spec.val_dataset(loop.cfg, loop.rank, loop.world, loop.bad_log, stream=EVAL)
-    size = loop.cfg.eval.batch_size
-    loop.stream = EpochBatches(ds, size, eval_batch_size=size)
-    loop.keep_val = False
-    val, _ = loop.evaluate(0)
+    ds = streams.spec.val_dataset(w.cfg, w.rank, w.world, w.bad_log, stream=EVAL)
+    size = w.cfg.eval.batch_size
+    streams.stream = EpochBatches(ds, size, eval_batch_size=size)
+    streams.keep_val = False
+    val, _ = loop.evaluator.evaluate(0)
     metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)}
     metrics["epoch"] = int(state.get("epoch", -1)) + 1
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None  # Train V2 keeps a run's final metrics only with a checkpoint
-        if loop.rank == 0:
+        if w.rank == 0:
             (Path(d) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -987,7 +780,7 @@ def evaluate_checkpoint(
     config = {
         "cfg": cfg.model_dump(mode="json"),
         "run_name": f"evaluate-{Path(checkpoint).stem}",
-        "run_dir": str(tracking.run_root(cfg.run.dir) / "evaluations"),
+        "run_dir": str(paths.run_root(cfg.run.dir) / "evaluations"),
         "tracking_uri": None,
         "run_id": None,
         "shards": str(data.shards),

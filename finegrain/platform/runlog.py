@@ -1,0 +1,97 @@
+"""What one worker's loop reports: each epoch's line on the console and, from rank 0, the MLflow
+run's facts, metrics, skipped videos and evaluation artifacts (:class:`RunLog`)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import ray
+import torch.distributed as dist
+
+from finegrain.platform import tracking
+from finegrain.platform.data import bad_video_note
+from finegrain.platform.worker import say
+
+if TYPE_CHECKING:
+    from finegrain.platform.checkpoints import Checkpoints
+    from finegrain.platform.train import Stages
+    from finegrain.platform.worker import Progress, Worker
+
+
+class RunLog:
+    """The run's console lines and MLflow record (rank 0 logs; without a run id, nothing)."""
+
+    def __init__(
+        self, worker: Worker, stages: Stages, progress: Progress, checkpoints: Checkpoints
+    ) -> None:
+        self.worker, self.stages, self.progress = worker, stages, progress
+        self.checkpoints = checkpoints
+        self.cfg, self.config = worker.cfg, worker.config
+        self.logger = (
+            tracking.RunLogger(self.config["tracking_uri"], self.config["run_id"])
+            if worker.rank == 0 and self.config.get("run_id")
+            else None
+        )
+        self.bad_logged = 0  # bad videos already logged to MLflow
+
+    def record_run_facts(self) -> None:
+        """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order) and its
+        ``total_epochs`` (what a sweep compares a stopped trial's progress with)."""
+        w = self.worker
+        nodes: list[str | None] = [None] * w.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if w.rank == 0:
+            total = self.stages.total_epochs
+            self.logger.tags({"worker_nodes": ",".join(nodes), "total_epochs": total})
+
+    def log_epoch(self, epoch, metrics, val, extra, run_start, is_best) -> None:
+        total = self.stages.total_epochs
+        done = epoch + 1 - self.progress.start_epoch
+        per_epoch = (time.perf_counter() - run_start) / done
+        eta = per_epoch * (total - epoch - 1)
+        stage = self.stages[metrics["stage"]].name
+        say(
+            f"[{self.config['run_name']}] epoch {epoch + 1}/{total} ({stage}) "
+            f"loss {metrics['train_loss']:.3f} val top1 {100 * val['top1']:.1f}% "
+            f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
+            f"ETA {eta:.0f}s"
+        )
+        constant = ("epoch", "total_epochs")  # the step, and a tag
+        self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
+        self.log_bad_videos(epoch + 1)
+        last = epoch + 1 == total
+        if is_best or last:
+            self.log_artifacts(val, extra, final=last)
+
+    def log_bad_videos(self, step: int) -> None:
+        """The videos skipped so far, logged as they appear (a run stopped later keeps them)."""
+        bad = ray.get(self.worker.bad_log.summary.remote())
+        if bad["count"] > self.bad_logged:
+            self.logger.metrics({"bad_videos": bad["count"]}, step=step)
+            self.logger.text(bad_video_note(bad) + "\n", "bad_videos.txt")
+            self.bad_logged = bad["count"]
+
+    def log_artifacts(self, val, extra, final: bool) -> None:
+        from finegrain.platform import figures
+
+        names = self.config["classes"]
+        self.logger.text(
+            figures.per_class_csv(names, val["per_class"]), "eval/per_class_accuracy.csv"
+        )
+        self.logger.figure(
+            figures.confusion_matrix(val["confusion"], names, self.config["class_groups"]),
+            "eval/confusion_matrix.png",
+        )
+        for name, fig in figures.method_figures(
+            self.cfg.model.method,
+            extra["diagnostics"],
+            extra["sample"],
+            names,
+            self.config["class_groups"],
+        ).items():
+            self.logger.figure(fig, f"diagnostics/{name}.png")
+        run_dir = self.worker.run_dir
+        if final and (run_dir / "best.pt").exists():
+            self.logger.artifact(self.checkpoints.export_model(run_dir / "best.pt"), "model")
+        figures.close_all()
