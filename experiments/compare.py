@@ -1,4 +1,5 @@
-"""Compare methods/variants from MLflow: best and mean ± std over seeds, with the run ids.
+"""Compare methods/variants from MLflow: best and mean ± std over seeds, a 95 % interval, a paired
+test of every row against a baseline row, and the run ids.
 
     python experiments/compare.py                               # every experiment but Default
     python experiments/compare.py --experiment finegrain --metric top5
@@ -11,6 +12,9 @@ PNG beside it. --metric takes top1, top5, mean_class_acc, spatial_top1, temporal
 best_top1 or the MLflow names (val_top1, ...): the value at each run's last epoch. Rows: tags
 method + variant (ablation suites) or method + backbone; --group-by takes tag or param names.
 Only FINISHED runs unless --all-statuses. An unknown experiment, metric or key exits with 2.
+For top1, rows are paired by seed and validation video (each run's eval/per_video.csv): the
+interval is a bootstrap over seeds and videos, the test a sign-flip permutation test against
+--baseline (the label of a row, e.g. "onepass / -"; default the first row), * at p < 0.05.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from finegrain.platform.compare import CompareError, compare, to_markdown, write_report
+from finegrain.platform.compare import (
+    CompareError,
+    baseline_row,
+    compare,
+    to_markdown,
+    with_intervals,
+    write_report,
+)
 from finegrain.platform.paths import run_root
 
 
@@ -39,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--group-by", nargs="+", metavar="KEY", help="tag/param names (default: method variant)"
     )
     p.add_argument("--all-statuses", action="store_true", help="include unfinished runs")
+    p.add_argument("--baseline", help="the row every other is tested against (default: first)")
     return p.parse_args(argv)
 
 
@@ -52,6 +64,7 @@ def main(argv=None) -> int:
             args.group_by,
             all_statuses=args.all_statuses,
         )
+        df = with_intervals(df, baseline=baseline_row(df, args.baseline))
     except CompareError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2

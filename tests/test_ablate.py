@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 from pathlib import Path
 
@@ -130,6 +131,11 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
             cell = f"{100 * statistics.mean(top1):.1f} ± {100 * statistics.stdev(top1):.1f}"
             assert any(f"`{row.variant}`" in line and cell in line for line in lines)
         assert sum(line.startswith("| 1 | `") for line in lines) == 2  # 2 rows (paper Table 1)
+        # intervals over seeds x videos, and gb_df tested against the first row, gb
+        assert (table["top1_ci_lo"] <= table["top1_mean"]).all()
+        assert (table["top1_mean"] <= table["top1_ci_hi"]).all()
+        assert table["videos"].tolist() == [4, 4] and math.isnan(table["top1_p"][0])
+        assert 0 < table["top1_p"][1] <= 1 and "Δ top-1 vs `gb` (p)" in lines[0]
         assert result.png_path.stat().st_size > 0
 
         summary = client.get_run(result.summary_run_id)

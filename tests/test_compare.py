@@ -276,3 +276,52 @@ def test_bar_chart_chance_and_title_from_attrs(tmp_path, close_figures):
     assert ax.get_ylim() != (0, 100)
     png = bar_chart(top1_frame(chance=0.25), tmp_path / "chart.png").read_bytes()
     assert int.from_bytes(png[16:20], "big") >= 6 * 150  # pixels: saved at 150 dpi
+
+
+def test_intervals_and_paired_tests_from_each_runs_per_video_results(tmp_path, close_figures):
+    """Rows built from per-video files whose answer is known: a row that fixes most of the
+    baseline's errors is significant, a copy of the baseline is not (p = 1), the intervals
+    contain the means, and a row without per-video files falls back to seeds (no test)."""
+    import numpy as np
+
+    from finegrain.platform.compare import with_intervals
+    from finegrain.platform.metrics import per_video_csv
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("iv", artifact_location=(tmp_path / "art").as_uri())
+    rng = np.random.default_rng(0)
+    base = {s: rng.random(120) < 0.5 for s in range(3)}
+    rows = {
+        "baseline": base,
+        "copy": base,
+        "better": {s: base[s] | (rng.random(120) < 0.6) for s in range(3)},
+    }
+    start = 1_700_000_000_000
+    for variant, seeds in rows.items():
+        for seed, correct in seeds.items():
+            start += 1000
+            rid = _log_run(client, exp, "m", variant, seed, {1: float(correct.mean())}, start)
+            per_video = [
+                {"video_id": f"v{i:03d}", "label": 0, "pred": 0 if c else 1, "correct": int(c)}
+                for i, c in enumerate(correct)
+            ]
+            client.log_text(rid, per_video_csv(per_video), "eval/per_video.csv")
+    start += 1000
+    _log_run(client, exp, "m", "no_files", 0, {1: 0.4}, start)
+    _log_run(client, exp, "m", "no_files", 1, {1: 0.6}, start + 1000)
+
+    df = with_intervals(compare(["iv"], "top1", uri))
+    by = df.set_index("variant")
+    assert df.attrs["baseline"] == "m / baseline"
+    assert by.at["copy", "p"] == 1.0 and not by.at["copy", "significant"]
+    assert by.at["better", "significant"] and by.at["better", "delta"] > 0.2
+    assert by.at["better", "videos"] == 120 and by.at["no_files", "videos"] == 0
+    assert math.isnan(by.at["no_files", "p"])  # no per-video results: no paired test
+    for row in df.itertuples():
+        assert row.ci_lo <= row.mean <= row.ci_hi
+    md = to_markdown(df)
+    assert "95 % CI" in md and "Δ vs `m / baseline` (p)" in md and " *" in md
+    assert "sign-flip permutation test" in md and "2/3 seeds × 120 videos per row" in md
+    fig = bar_figure(df)
+    assert "95 % CI" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())

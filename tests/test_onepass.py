@@ -40,5 +40,7 @@ def test_options_are_validated():
     assert method_options("onepass") == {"dropout": 0.5}
     with pytest.raises(ValueError, match=r"dropout: Input should be less than 1 \(got 1.0\)"):
         build_model("onepass", 3, "tiny", dropout=1.0)
-    with pytest.raises(ValueError, match="neurons: not an option of method 'onepass'; valid: dropout"):
+    with pytest.raises(
+        ValueError, match="neurons: not an option of method 'onepass'; valid: dropout"
+    ):
         build_model("onepass", 3, "tiny", neurons=3)

@@ -45,6 +45,7 @@ from finegrain.platform.config import (
     apply_params,
     load_config,
 )
+from finegrain.platform.metrics import PER_VIDEO_FILE
 
 DEFAULT_CONFIG = "tune_synthetic"  # tiny backbone (width 8), 48 px, 8 frames, 4 epochs
 
@@ -463,7 +464,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig | dict, checkpoint: str | Path) ->
     cfg = validate(cfg) if isinstance(cfg, dict) else cfg
     out = evaluate(cfg, checkpoint)
     epoch = int(out.pop("epoch", 0))
-    return {"metrics": {k: float(v) for k, v in out.items()}, "epoch": epoch}
+    per_video = out.pop("per_video", None)
+    metrics = {k: float(v) for k, v in out.items()}
+    return {"metrics": metrics, "epoch": epoch, "per_video": per_video}
 
 
 def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
@@ -511,6 +514,8 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
         logger = tracking.RunLogger(uri, run_id)
         logger.text(cfg.to_yaml(), "config.yaml")
         logger.metrics(out["metrics"], step=out["epoch"])
+        if out.get("per_video"):
+            logger.text(out["per_video"], f"eval/{PER_VIDEO_FILE}")
         tracking.close_run(uri, run_id, "FINISHED")
         top1 = 100 * out["metrics"]["val_top1"]
         print(f"[{cfg.run.name}] val top1 {top1:.1f}% (epoch {out['epoch']})", flush=True)
@@ -554,7 +559,12 @@ def suite_table(
     the suite's MLflow experiment (its final-epoch value per run)."""
     import pandas as pd
 
-    from finegrain.platform.compare import CompareError, compare
+    from finegrain.platform.compare import (
+        CompareError,
+        compare,
+        intervals_caption,
+        with_intervals,
+    )
 
     suite = get_suite(suite) if isinstance(suite, str) else suite
     variants = list(variants or suite.variants)
@@ -567,6 +577,10 @@ def suite_table(
             if metric == "top1":
                 raise
             continue  # no run has it (e.g. no spatial-subtle class in a tiny val split)
+        if metric == "top1":  # intervals, and each row tested against the suite's first row
+            present = [v.name for v in variants if v.name in set(df["variant"])]
+            first = df.index[df["variant"] == present[0]][0] if present else None
+            df = with_intervals(df.reset_index(drop=True), baseline=first)
         frames[metric] = df.set_index("variant")
     top1 = frames["top1"]
     unfinished = _unfinished(uri, experiment)
@@ -583,6 +597,10 @@ def suite_table(
             row[f"{metric}_mean"] = float(frame.at[v.name, "mean"]) if hit else math.nan
             row[f"{metric}_std"] = float(frame.at[v.name, "std"]) if hit else math.nan
         hit = v.name in top1.index
+        for key in ("ci_lo", "ci_hi", "delta", "p"):
+            row[f"top1_{key}"] = float(top1.at[v.name, key]) if hit else math.nan
+        row["top1_significant"] = bool(top1.at[v.name, "significant"]) if hit else False
+        row["videos"] = int(top1.at[v.name, "videos"]) if hit else 0
         row["n"] = int(top1.at[v.name, "n"]) if hit else 0
         row["seeds"] = top1.at[v.name, "seeds"] if hit else ""
         row["runs"] = top1.at[v.name, "runs"] if hit else ""
@@ -590,6 +608,8 @@ def suite_table(
         rows.append(row)
     table = pd.DataFrame(rows)
     table.attrs.update(
+        baseline=top1.attrs.get("baseline"),
+        intervals=intervals_caption(top1),
         suite=suite.name,
         title=suite.title,
         experiment=experiment,
@@ -633,21 +653,35 @@ def _pct(mean: float, std: float) -> str:
 
 
 def to_markdown(table, setup: str = "") -> str:
-    """The suite's table in the paper's layout (accuracies in %, mean ± std over seeds)."""
+    """The suite's table in the paper's layout (accuracies in %, mean ± std over seeds; with
+    per-video results, the top-1 interval and the paired test against the first row)."""
+    from finegrain.platform.compare import delta_cell, interval_cell
+
     columns = table.attrs.get("columns", ["top1"])
     header = ["paper table", "variant", "setting"] + [f"{COLUMNS[m]} (%)" for m in columns]
+    stats = "top1_ci_lo" in table
+    baseline = table.attrs.get("baseline") or "the first row"
+    header += ["top-1 95 % CI", f"Δ top-1 vs `{baseline}` (p)"] if stats else []
     header += ["n", "seeds", "MLflow runs"]
     failures = bool("failed" in table and table["failed"].astype(bool).any())
     header += ["not finished"] if failures else []
     lines = [
         "| " + " | ".join(header) + " |",
         "|"
-        + "|".join([":--"] * 3 + ["--:"] * (len(columns) + 1) + [":--", ":--"] + [":--"] * failures)
+        + "|".join(
+            [":--"] * 3
+            + ["--:"] * (len(columns) + 2 * stats + 1)
+            + [":--", ":--"]
+            + [":--"] * failures
+        )
         + "|",
     ]
     for _, row in table.iterrows():
         cells = [row["table"], f"`{row['variant']}`", row["setting"]]
         cells += [_pct(row[f"{m}_mean"], row[f"{m}_std"]) for m in columns]
+        if stats:
+            top1 = {k.removeprefix("top1_"): v for k, v in row.items() if k.startswith("top1_")}
+            cells += [interval_cell(top1), delta_cell(top1)]
         cells += [row["n"], row["seeds"] or "—", row["runs"] or "—"]
         cells += [row["failed"] or "—"] if failures else []
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -661,6 +695,7 @@ def to_markdown(table, setup: str = "") -> str:
             else ""
         )
         + f". MLflow experiment `{table.attrs.get('experiment')}` in `{table.attrs.get('uri')}`."
+        + (f" {table.attrs['intervals']}" if table.attrs.get("intervals") else "")
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
 

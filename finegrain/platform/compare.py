@@ -185,6 +185,11 @@ def compare(
                 "std": scores.std(ddof=1) if len(part) > 1 else math.nan,
                 "seeds": ", ".join(sorted(map(str, seeds), key=_seed_sort_key)),
                 "runs": ", ".join(r[:8] for r in part["run_id"]),
+                "run_ids": list(part["run_id"]),
+                "run_seeds": [
+                    str(x) for x in (part[SEED_PARAM] if SEED_PARAM in part else part["run_id"])
+                ],
+                "scores": scores.tolist(),
             }
         )
     df = pd.DataFrame(rows)
@@ -194,8 +199,142 @@ def compare(
     return df
 
 
+STAT_COLUMNS = ("ci_lo", "ci_hi", "videos", "delta", "p", "significant", "baseline")
+HIDDEN = ("run_ids", "run_seeds", "scores")
+
+
 def _group_labels(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in ("n", "best", "mean", "std", "seeds", "runs")]
+    taken = ("n", "best", "mean", "std", "seeds", "runs", *HIDDEN, *STAT_COLUMNS)
+    return [c for c in df.columns if c not in taken]
+
+
+def per_video_correctness(uri: str, run_id: str) -> dict[str, int] | None:
+    """The run's ``eval/per_video.csv`` as ``{video_id: correct}`` (None when it has none:
+    runs from before it was logged, or not a finegrain run)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from finegrain.platform.metrics import PER_VIDEO_FILE, read_per_video
+
+    client = MlflowClient(uri)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = client.download_artifacts(run_id, f"eval/{PER_VIDEO_FILE}", d)
+            return read_per_video(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        return None
+
+
+def with_intervals(df: pd.DataFrame, baseline: int | None = 0) -> pd.DataFrame:
+    """``df`` (from :func:`compare`) with a 95 % interval per row and, against row
+    ``baseline``, a paired test (:mod:`finegrain.platform.stats`).
+
+    For ``val_top1`` the rows are each run's per-video correctness (``eval/per_video.csv``):
+    the interval is a two-way bootstrap over seeds and videos, the test a sign-flip permutation
+    test paired by seed and video. Other metrics, or runs without the file: the interval is a
+    bootstrap over the runs' values and there is no test. Adds ``ci_lo``, ``ci_hi``, ``videos``,
+    ``delta``, ``p``, ``significant``, and ``df.attrs["baseline"]`` (the row's label).
+    """
+    from finegrain.platform.stats import Correctness, bootstrap_ci, paired_test
+
+    df = df.copy()
+    uri = df.attrs.get("uri")
+    rows: list[Correctness] = []
+    for _, row in df.iterrows():
+        per_run = None
+        if df.attrs.get("metric") == "val_top1" and uri:
+            found = [per_video_correctness(uri, r) for r in row["run_ids"]]
+            if found and all(f is not None for f in found):
+                per_run = dict(zip(_unique(row["run_seeds"]), found, strict=True))
+        rows.append(
+            Correctness.from_runs(per_run)
+            if per_run
+            else Correctness.from_accuracies(dict(zip(_unique(row["run_seeds"]), row["scores"])))
+        )
+    intervals = [bootstrap_ci(c) for c in rows]
+    df["ci_lo"] = [lo for lo, _ in intervals]
+    df["ci_hi"] = [hi for _, hi in intervals]
+    df["videos"] = [len(c.videos) for c in rows]
+    tests = [
+        paired_test(c, rows[baseline]) if baseline is not None and i != baseline else None
+        for i, c in enumerate(rows)
+    ]
+    df["delta"] = [t.difference if t else math.nan for t in tests]
+    df["p"] = [t.p_value if t else math.nan for t in tests]
+    df["significant"] = [bool(t and t.significant) for t in tests]
+    labels = _group_labels(df)
+    if baseline is not None and len(df):
+        df.attrs["baseline"] = " / ".join(str(df.iloc[baseline][c]) for c in labels)
+    return df
+
+
+def baseline_row(df: pd.DataFrame, label: str | None) -> int | None:
+    """The index of the row labelled ``label`` (its group values joined by " / ", or any one of
+    them when that is unique); the first row by default."""
+    if df.empty:
+        return None
+    if label is None:
+        return 0
+    labels = _group_labels(df)
+    names = [" / ".join(str(row[c]) for c in labels) for _, row in df.iterrows()]
+    hits = [i for i, n in enumerate(names) if n == label] or [
+        i for i, (_, row) in enumerate(df.iterrows()) if label in {str(row[c]) for c in labels}
+    ]
+    if len(hits) != 1:
+        raise CompareError(
+            f"--baseline {label!r}: {'ambiguous' if hits else 'no such row'}; rows: "
+            + ", ".join(names)
+        )
+    return hits[0]
+
+
+def _unique(seeds: Sequence[str]) -> list[str]:
+    """Seed labels made unique (two runs of one seed count as two)."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in seeds:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}#{seen[s]}")
+    return out
+
+
+def interval_cell(row, percent: bool = True) -> str:
+    """``[lo, hi]`` of a row from :func:`with_intervals`."""
+    if math.isnan(row.get("ci_lo", math.nan)):
+        return "—"
+    return f"[{_fmt(row['ci_lo'], percent)}, {_fmt(row['ci_hi'], percent)}]"
+
+
+def delta_cell(row, percent: bool = True) -> str:
+    """``+3.2 (p 0.01) *`` of a row from :func:`with_intervals` (``—`` for the baseline)."""
+    if math.isnan(row.get("p", math.nan)):
+        return "—"
+    sign = "+" if row["delta"] >= 0 else "−"
+    delta = f"{sign}{_fmt(abs(row['delta']), percent)}"
+    return f"{delta} (p {row['p']:.3f})" + (" *" if row["significant"] else "")
+
+
+def intervals_caption(df: pd.DataFrame) -> str:
+    """How the intervals and tests of :func:`with_intervals` were made, with n."""
+    if "ci_lo" not in df:
+        return ""
+    videos = sorted({int(v) for v in df["videos"] if v})
+    seeds = sorted({int(n) for n in df["n"]})
+    if videos:
+        how = (
+            f"95 % CI: bootstrap over seeds and validation videos ({'/'.join(map(str, seeds))} "
+            f"seeds × {'/'.join(map(str, videos))} videos per row, 2000 resamples); "
+            f"Δ: difference to `{df.attrs.get('baseline', 'the first row')}` on the same seeds "
+            "and videos, sign-flip permutation test paired by video (two-sided), "
+            "* p < 0.05."
+        )
+    else:
+        how = (
+            f"95 % CI: bootstrap over runs ({'/'.join(map(str, seeds))} per row; no per-video "
+            "results, so no paired test)."
+        )
+    return how
 
 
 def is_accuracy(metric: str) -> bool:
@@ -221,23 +360,29 @@ def to_markdown(df: pd.DataFrame) -> str:
     percent = is_accuracy(metric)
     unit = " (%)" if percent else ""
     labels = _group_labels(df)
-    header = [*labels, f"best {metric}{unit}", f"mean ± std{unit}", "n", "seeds", "MLflow runs"]
+    stats = "ci_lo" in df
+    header = [*labels, f"best {metric}{unit}", f"mean ± std{unit}"]
+    header += ["95 % CI", f"Δ vs `{df.attrs.get('baseline', 'first row')}` (p)"] if stats else []
+    header += ["n", "seeds", "MLflow runs"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":--"] * len(labels) + ["--:", "--:", "--:", ":--", ":--"]) + "|",
+        "|" + "|".join([":--"] * len(labels) + ["--:"] * (3 + 2 * stats) + [":--", ":--"]) + "|",
     ]
     for _, row in df.iterrows():
         spread = _fmt(row["mean"], percent)
         if not (isinstance(row["std"], float) and math.isnan(row["std"])):
             spread += f" ± {_fmt(row['std'], percent)}"
-        cells = [*(row[c] for c in labels), _fmt(row["best"], percent), spread, row["n"]]
-        cells += [row["seeds"] or "—", row["runs"]]
+        cells = [*(row[c] for c in labels), _fmt(row["best"], percent), spread]
+        cells += [interval_cell(row, percent), delta_cell(row, percent)] if stats else []
+        cells += [row["n"], row["seeds"] or "—", row["runs"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     caption = (
         f"`{metric}`: final-epoch value of each run; best = max over runs, mean ± sample std "
         f"(n-1) over runs (seeds). Experiments: {', '.join(df.attrs.get('experiments', []))}. "
         f"MLflow: `{df.attrs.get('uri', '?')}`."
     )
+    if stats:
+        caption += " " + intervals_caption(df)
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -297,13 +442,22 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
     x = list(range(len(df)))
     width = max(6.0, 1.4 + column * len(df))
     fig, ax = plt.subplots(figsize=(width, 4.2), dpi=CHART_DPI, layout="constrained")
-    bars = "mean over seeds ± std"
-    ax.bar(x, mean, 0.7, yerr=std, color="#4c72b0", capsize=4, label=bars)
+    if "ci_lo" in df and df["ci_lo"].notna().any():  # the 95 % interval of with_intervals
+        lo, hi = df["ci_lo"].to_numpy(float) * scale, df["ci_hi"].to_numpy(float) * scale
+        err = np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0)
+        upper, bars = hi, "mean over seeds, 95 % CI (bootstrap)"
+        stars = df["significant"].to_numpy(bool)
+        if stars.any():
+            bars += f"; * differs from {df.attrs.get('baseline', 'the first bar')} (p < 0.05)"
+    else:
+        err, upper, bars = std, mean + std, "mean over seeds ± std"
+        stars = np.zeros(len(df), bool)
+    ax.bar(x, mean, 0.7, yerr=err, color="#4c72b0", capsize=4, label=bars)
     ax.scatter(x, best, color="#dd8452", zorder=3, s=22, label="best run")
-    top = np.fmax(np.nan_to_num(mean + std, nan=-np.inf), np.fmax(mean, best))
-    for xi, m, t in zip(x, mean, top):
+    top = np.fmax(np.nan_to_num(upper, nan=-np.inf), np.fmax(mean, best))
+    for xi, m, t, star in zip(x, mean, top, stars):
         if not np.isnan(m):
-            text = f"{m:.1f} %" if percent else f"{m:.4g}"
+            text = (f"{m:.1f} %" if percent else f"{m:.4g}") + (" *" if star else "")
             ax.annotate(
                 text,
                 (xi, t),

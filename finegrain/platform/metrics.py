@@ -10,6 +10,8 @@ inside the true class's confusable group.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 
 import torch
@@ -74,3 +76,27 @@ def group_metrics(
         same = sum(group[pred[i]] == group[labels[i]] for i in wrong)
         out["in_group_error_share"] = same / len(wrong)
     return out
+
+
+PER_VIDEO_FILE = "per_video.csv"  # logged as eval/per_video.csv: video_id, label, pred, correct
+
+
+def per_video_rows(video_ids: Sequence[str], labels: Tensor, preds: Tensor) -> list[dict]:
+    """Each validation video's label and view-averaged prediction."""
+    return [
+        {"video_id": v, "label": int(y), "pred": int(p), "correct": int(y == p)}
+        for v, y, p in zip(video_ids, labels.tolist(), preds.tolist(), strict=True)
+    ]
+
+
+def per_video_csv(rows: Sequence[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["video_id", "label", "pred", "correct"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["video_id"]))
+    return out.getvalue()
+
+
+def read_per_video(text: str) -> dict[str, int]:
+    """``per_video.csv`` → ``{video_id: 1 if correct else 0}``."""
+    return {row["video_id"]: int(row["correct"]) for row in csv.DictReader(io.StringIO(text))}

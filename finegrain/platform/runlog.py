@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from finegrain.platform import tracking
 from finegrain.platform.data import bad_video_note
+from finegrain.platform.metrics import PER_VIDEO_FILE, per_video_csv
 from finegrain.platform.worker import say
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class RunLog:
         constant = ("epoch", "total_epochs")  # the step, and a tag
         self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
         self.log_bad_videos(epoch + 1)
+        # every epoch (overwritten): the last one's is what the suite tables pair rows on
+        self.logger.text(per_video_csv(val["per_video"]), f"eval/{PER_VIDEO_FILE}")
         last = epoch + 1 == total
         if is_best or last:
             self.log_artifacts(val, extra, final=last)
