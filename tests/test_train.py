@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from finegrain.models import METHODS
 from finegrain.platform import cluster
 from finegrain.platform.config import load_config
+from finegrain.platform.metrics import read_per_video
 from finegrain.platform.train import (
     CHECKPOINT_FILE,
     evaluate_checkpoint,
@@ -85,6 +86,11 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert {"config.yaml", "eval", "model"} <= paths
     evals = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert {"eval/confusion_matrix.png", "eval/per_class_accuracy.csv"} <= evals
+    # each validation video's prediction (what suite tables pair rows on), agreeing with top-1
+    text = client.download_artifacts(result.run_id, "eval/per_video.csv", str(run_dir / "pv"))
+    per_video = read_per_video(Path(text).read_text())
+    assert len(per_video) == result.metrics["val_videos"]
+    assert sum(per_video.values()) / len(per_video) == pytest.approx(result.metrics["val_top1"])
     # the model artifact: weights without optimizer state, and what rebuilds the model
     model = client.download_artifacts(result.run_id, "model/model.pt", str(run_dir / "dl"))
     saved = torch.load(model, map_location="cpu", weights_only=False)

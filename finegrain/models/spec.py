@@ -14,10 +14,25 @@ Tune, the suites and the figures) reads only specs, never a method's name:
 - ``suite``: the ablation suite, the rows of its paper's tables (``ablate.py --suite <method>``).
 - ``figures``: ``"module:function"`` drawing the method's diagnostics pictures, imported only when
   a picture is drawn (Ray's helper processes never import matplotlib or the models for it).
+- ``mechanisms``: ``"module:function"`` scoring the mechanism the method's paper argues through
+  against the ground truth the synthetic benchmark knows (its ``class_groups``), imported only
+  when scored (:meth:`MethodSpec.score_mechanisms`). The function's signature::
+
+      def score(diagnostics: list[dict], labels: Tensor, preds: Tensor,
+                class_names: list[str], class_groups: dict) -> dict[str, float]
+
+  ``diagnostics``: the per-batch diagnostics dicts (CPU tensors) of every evaluated clip, all
+  batches in order; ``labels`` (N,): the clips' true classes, concatenated in the same order;
+  ``preds`` (N,): each clip's argmax prediction, same order; ``class_groups``: ``{class name:
+  {"group", "subtlety": "spatial" | "temporal"}}``, empty on datasets without groups (then the
+  group-based scores are skipped). It returns plain floats keyed without the ``mech/`` prefix
+  the platform adds, ``{}`` when the diagnostics it needs are missing, leaves out a score that
+  is undefined (NaN) and never raises on a missing key.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +93,7 @@ class MethodSpec:
     space: dict[str, dict] = field(default_factory=dict)
     suite: Suite | None = None
     figures: str | None = None
+    mechanisms: str | None = None
 
     def defaults(self) -> dict[str, Any]:
         """The method's options with their defaults."""
@@ -93,6 +109,30 @@ class MethodSpec:
         return getattr(importlib.import_module(module), function)(
             diagnostics, sample, names, class_groups
         )
+
+    def score_mechanisms(
+        self, diagnostics, labels, preds, class_names, class_groups
+    ) -> dict[str, float]:
+        """The method's mechanism scores (``{}`` without a mechanisms function). A scorer that
+        fails prints a warning and gives ``{}``: a score never stops a run."""
+        if not self.mechanisms:
+            return {}
+        import importlib
+
+        try:
+            module, function = self.mechanisms.split(":")
+            scores = getattr(importlib.import_module(module), function)(
+                diagnostics, labels, preds, list(class_names or []), class_groups or {}
+            )
+            scores = {str(k): float(v) for k, v in (scores or {}).items()}
+        except Exception as error:  # a score must never kill a run
+            print(
+                f"warning: {self.name} mechanism scores ({self.mechanisms}) failed: "
+                f"{type(error).__name__}: {error}",
+                flush=True,
+            )
+            return {}
+        return {k: v for k, v in scores.items() if math.isfinite(v)}  # undefined: left out
 
 
 def parse_options(method: str, options_type: type[Options], options: dict[str, Any]) -> Options:

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from finegrain.models import build_model
+from finegrain.models import build_model, method_spec
 from finegrain.models.base import (
     FineGrainModel,
     MetaContext,
@@ -64,7 +64,13 @@ from finegrain.platform.checkpoints import CHECKPOINT_FILE as CHECKPOINT_FILE
 from finegrain.platform.checkpoints import Checkpoints
 from finegrain.platform.config import ExperimentConfig
 from finegrain.platform.data import DataSpec, bad_video_note, dataset_name, prepare_data
-from finegrain.platform.metrics import average_views, classification_metrics
+from finegrain.platform.metrics import (
+    PER_VIDEO_FILE,
+    average_views,
+    classification_metrics,
+    per_video_csv,
+    per_video_rows,
+)
 from finegrain.platform.runlog import RunLog
 from finegrain.platform.streams import Streams
 from finegrain.platform.worker import Progress, Worker, say
@@ -554,6 +560,8 @@ class Evaluator:
     def __init__(self, worker: Worker, model: FineGrainModel, streams: Streams, autocast) -> None:
         self.worker, self.model, self.streams, self.autocast = worker, model, streams, autocast
         self.needs_labels = getattr(model, "needs_labels", False)
+        # the method's mechanism scores need the diagnostics of every view (None: it has none)
+        self.spec = method_spec(worker.cfg.model.method)
 
     def recalibrate_bn(self, epoch: int) -> int:
         """Precise BN on ``eval.precise_bn_batches`` batches of the epoch's replay (a seeded
@@ -578,10 +586,13 @@ class Evaluator:
         self.model.eval()
         logits, labels, ids, diagnostics, sample = [], [], [], None, None
         branches: dict[str, list] = {}
+        every: list[dict] | None = [] if self.spec.mechanisms else None
         for clips, y, batch in self.streams.val_batches(epoch):
             with self.autocast:  # U2S's oracle variant selects masks by the true class
                 output = self.model(clips, labels=y) if self.needs_labels else self.model(clips)
             logits.append(output.logits.float().cpu())
+            if every is not None:
+                every.append(_to_cpu(output.diagnostics))
             for name, z in self.model.branch_logits(output).items():
                 branches.setdefault(name, []).append(z.float().cpu())
             labels.append(y.cpu())
@@ -599,6 +610,7 @@ class Evaluator:
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
             ids,
             {name: torch.cat(z) for name, z in branches.items()},
+            every,
         )
         parts = [local]
         if dist.is_available() and dist.is_initialized() and world > 1:
@@ -608,7 +620,7 @@ class Evaluator:
         all_labels = torch.cat([p[1] for p in parts])
         all_ids = [i for p in parts for i in p[2]]
         self.check_complete(all_ids)
-        probs, video_labels, _ = average_views(all_logits, all_labels, all_ids)
+        probs, video_labels, video_ids = average_views(all_logits, all_labels, all_ids)
         branch_top1 = {}
         for name in parts[0][3]:  # each branch's prediction, views averaged like the main one
             z = torch.cat([p[3][name] for p in parts])
@@ -620,6 +632,16 @@ class Evaluator:
         )
         result["videos"] = len(video_labels)
         result.update(branch_top1)
+        # each video's prediction: what tables pair rows on (finegrain.platform.stats)
+        result["per_video"] = per_video_rows(video_ids, video_labels, probs.argmax(1))
+        if every is not None:  # the method's mechanism scores, on every view of every video
+            result["mechanisms"] = self.spec.score_mechanisms(
+                [d for p in parts for d in p[4]],
+                all_labels,
+                all_logits.argmax(1),
+                list(config["classes"]),
+                config["class_groups"] or {},
+            )
         return result, {"diagnostics": diagnostics, "sample": sample}
 
     def check_complete(self, ids: list[str]) -> None:
@@ -717,12 +739,17 @@ class _Loop:
                 **train,
                 "stage": index,
                 **{f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)},
+                **{f"mech/{k}": v for k, v in val.get("mechanisms", {}).items()},
                 "rank_param_drift": self.trainer.rank_drift(),
                 "total_epochs": total,  # for Tune's searcher: stopped early or not
             }
             if self.worker.rank == 0:
                 self.log.log_epoch(epoch, metrics, val, extra, run_start, is_best)
             self.checkpoints.save(epoch, metrics, is_best)
+
+
+def _to_cpu(diagnostics: dict) -> dict:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in diagnostics.items()}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -744,11 +771,13 @@ def evaluate_loop_per_worker(config: dict[str, Any]) -> None:
     streams.keep_val = False
     val, _ = loop.evaluator.evaluate(0)
     metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)}
+    metrics |= {f"mech/{k}": v for k, v in val.get("mechanisms", {}).items()}
     metrics["epoch"] = int(state.get("epoch", -1)) + 1
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None  # Train V2 keeps a run's final metrics only with a checkpoint
         if w.rank == 0:
             (Path(d) / "metrics.json").write_text(json.dumps(metrics))
+            (Path(d) / PER_VIDEO_FILE).write_text(per_video_csv(val["per_video"]))
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -762,7 +791,8 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """``checkpoint``'s weights (a training checkpoint or a weights file) evaluated on every
     validation view by the training loop's own evaluation, on ``workers`` Ray Train workers
-    (default ``cfg.scaling.workers``). Returns ``{"val_top1": ..., "epoch": ...}``."""
+    (default ``cfg.scaling.workers``). Returns ``{"val_top1": ..., "epoch": ...,
+    "per_video": the CSV of each video's prediction}``."""
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
 
     from finegrain.datasets.pipeline import new_bad_video_log
@@ -807,7 +837,9 @@ def evaluate_checkpoint(
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
-            return json.loads((Path(d) / "metrics.json").read_text())
+            metrics = json.loads((Path(d) / "metrics.json").read_text())
+            metrics["per_video"] = (Path(d) / PER_VIDEO_FILE).read_text()
+            return metrics
 
 
 def summary_json(result: RunResult) -> str:

@@ -42,4 +42,5 @@ SPEC = MethodSpec(
         ),
     ),
     figures=None,
+    mechanisms="finegrain.models.classreg.mechanisms:score",
 )

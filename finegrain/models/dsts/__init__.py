@@ -73,4 +73,5 @@ SPEC = MethodSpec(
         ),
     ),
     figures="finegrain.models.dsts.figures:draw",
+    mechanisms="finegrain.models.dsts.mechanisms:score",
 )

@@ -94,4 +94,5 @@ SPEC = MethodSpec(
         ),
     ),
     figures="finegrain.models.u2s.figures:draw",
+    mechanisms="finegrain.models.u2s.mechanisms:score",
 )
