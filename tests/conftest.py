@@ -16,6 +16,20 @@ from finegrain.datasets.encode import write_mp4
 torch.set_num_threads(1)
 
 
+# Test modules that start Ray (in-process or as `ray start` / job subprocesses). Under pytest-xdist
+# (`-n 2 --dist loadgroup`, the README's test command) they all run on one worker, one after the
+# other: never two Ray instances at once (ports, /tmp/ray, CPU accounting), while the CPU-only
+# tests run beside them on the other worker.
+RAY_MODULES = {"test_ablate", "test_cluster", "test_pipeline", "test_registry", "test_train",
+               "test_tune"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def moving_square(num_frames: int = 16, size: int = 32, seed: int = 0) -> np.ndarray:
     """(T, H, W, 3) uint8: a bright square moving left to right over a noisy background."""
     rng = np.random.default_rng(seed)

@@ -324,4 +324,4 @@ def test_intervals_and_paired_tests_from_each_runs_per_video_results(tmp_path, c
     assert "95 % CI" in md and "Δ vs `m / baseline` (p)" in md and " *" in md
     assert "sign-flip permutation test" in md and "2/3 seeds × 120 videos per row" in md
     fig = bar_figure(df)
-    assert "95 % CI" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert "95 % CI" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
