@@ -7,7 +7,7 @@
 
 Suites: dsts (Tables 3-7), u2s (Tables I-III), dfb (Table 1), classreg (on/off, gamma),
 joint_attn (early/late fusion, attention regularization), methods (every method vs one-pass),
-all. With no --config the base is the named config tune_synthetic (tiny backbone, 48 px,
+mechanisms (the methods suite with each paper's mechanism scored and a verdict), all. With no --config the base is the named config tune_synthetic (tiny backbone, 48 px,
 8 frames, 4 epochs); each suite sets model.method itself. Runs go to the MLflow experiment
 ablate-SUITE, named ablate-SUITE-VARIANT-sSEED: a rerun skips the finished ones. The table
 (mean +- std over seeds) is printed and written to RUN_DIR/ablate/SUITE/table.md with table.png.

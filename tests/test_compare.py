@@ -124,6 +124,7 @@ def test_one_run_has_no_std_and_markdown_says_so(store):
 def test_metric_names_and_best_top1(store):
     assert metric_key("top1") == metric_key("val_top1") == metric_key("metrics.val_top1")
     assert metric_key("best_top1") == "val_best_top1"
+    assert metric_key("mech/csm_precision") == "mech/csm_precision"
     a = compare([SUITE], "top1", store["uri"])
     b = compare([SUITE], "val_top1", store["uri"])
     assert a[["best", "mean"]].equals(b[["best", "mean"]])

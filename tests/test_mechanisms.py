@@ -267,3 +267,28 @@ def test_real_classreg_model():
     assert all(0.0 <= scores[f"agreement_stage{s}"] <= 1.0 for s in stages)
     deep, shallow = scores[f"agreement_stage{stages[-1]}"], scores[f"agreement_stage{stages[0]}"]
     assert scores["agreement_gap"] == pytest.approx(deep - shallow)
+
+
+def test_verdicts_say_whether_each_claim_holds_from_the_intervals():
+    from finegrain.models import method_spec
+
+    dsts = method_spec("dsts").verdict
+    holds = {
+        "group_mi_l2": (0.8, 0.5, 1.0),
+        "selection_entropy_norm_l2": (0.6, 0.5, 0.7),
+        "temporal_share_gap_l2": (0.1, 0.02, 0.2),
+    }
+    assert dsts(holds).startswith("specialisation holds") and "temporal routing holds" in dsts(
+        holds
+    )
+    loose = {**holds, "group_mi_l2": (0.1, 0.0, 0.2), "temporal_share_gap_l2": (0.0, -0.1, 0.1)}
+    assert "specialisation not shown" in dsts(loose) and "routing not shown" in dsts(loose)
+    u2s = method_spec("u2s").verdict
+    good = {"csm_precision": (0.8, 0.6, 0.9), "csm_chance_precision": (0.1, 0.1, 0.1)}
+    assert u2s(good).startswith("holds") and u2s({}).startswith("not scored")
+    assert u2s({**good, "csm_precision": (0.2, 0.05, 0.3)}).startswith("not shown")
+    classreg = method_spec("classreg").verdict
+    rising = {"agreement_stage2": (0.5, 0.4, 0.6), "agreement_stage3": (0.9, 0.8, 1.0)}
+    assert classreg({**rising, "agreement_gap": (0.4, 0.3, 0.5)}).startswith("holds")
+    assert classreg({**rising, "agreement_gap": (0.4, -0.1, 0.5)}).startswith("not shown")
+    assert "no mechanism score" in method_spec("onepass").verdict({})

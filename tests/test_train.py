@@ -67,6 +67,13 @@ def test_every_method_trains_one_epoch_with_two_workers(run_dir, method):
     assert m["train_loss"] == m["train_loss"]  # not NaN
     if method == "dsts":
         assert any(k.startswith("train_udl") or k.startswith("train_val") for k in m), m
+    mechanisms = {k for k in m if k.startswith("mech/")}  # scored on every validation view
+    expected = {
+        "dsts": "mech/group_mi_l0",
+        "u2s": "mech/csm_pairs",
+        "classreg": "mech/agreement_stage3",
+    }
+    assert expected[method] in mechanisms if method in expected else not mechanisms, mechanisms
 
 
 def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
@@ -182,15 +189,15 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_erro
     assert {k: result.metrics[k] for k in keys} == {k: straight.metrics[k] for k in keys}
 
 
-def test_the_same_checkpoint_evaluates_identically_on_1_2_and_3_workers(run_dir):
+def test_the_same_checkpoint_evaluates_identically_on_1_and_3_workers(run_dir):
     """Every validation view is evaluated exactly once whatever the number of workers (none is
-    dropped to even out the ranks' shares), so the metrics are identical."""
+    dropped to even out the ranks' shares: 8 views over 3 ranks), so the metrics are identical."""
     cfg = tiny_config(run_dir, "run.name=evaluated", "eval.clips=2")
     run_experiment(cfg, quiet=True)
     checkpoint = run_dir / "evaluated" / "best.pt"
-    results = [evaluate_checkpoint(cfg, checkpoint, workers=w) for w in (1, 2, 3)]
+    results = [evaluate_checkpoint(cfg, checkpoint, workers=w) for w in (1, 3)]
     assert results[0]["val_videos"] == 4  # 4 videos x 2 views, each seen once
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1]
 
 
 def test_fault_injection_recovers_with_max_failures(run_dir):

@@ -99,6 +99,17 @@ class MethodSpec:
         """The method's options with their defaults."""
         return {name: f.default for name, f in self.options.model_fields.items()}
 
+    def verdict(self, scores: dict[str, tuple[float, float, float]]) -> str:
+        """In words, whether the paper's mechanism claim holds given ``scores`` ({key: (mean,
+        CI low, CI high)} over seeds), by the ``verdict`` function beside the scorer."""
+        if not self.mechanisms:
+            return "no mechanism score defined for this method yet"
+        import importlib
+
+        module = importlib.import_module(self.mechanisms.split(":")[0])
+        judge = getattr(module, "verdict", None)
+        return judge(scores) if judge else "no verdict defined"
+
     def draw(self, diagnostics, sample, names, class_groups) -> dict:
         """The method's diagnostics pictures (``{}`` without a figures function)."""
         if not self.figures:

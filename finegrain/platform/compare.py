@@ -38,11 +38,12 @@ class CompareError(ValueError):
 
 def metric_key(metric: str) -> str:
     """``top1`` / ``val_top1`` / ``metrics.val_top1`` → ``val_top1``; ``best_top1`` →
-    ``val_best_top1``. Names already starting with ``val_`` or ``train_`` are kept."""
+    ``val_best_top1``. Names already starting with ``val_``, ``train_`` or ``mech/`` (a method's
+    mechanism scores) are kept."""
     name = metric.strip().removeprefix("metrics.")
     if not name:
         raise CompareError("metric: empty name; e.g. top1, top5, mean_class_acc, best_top1")
-    return name if name.startswith(("val_", "train_")) else f"val_{name}"
+    return name if name.startswith(("val_", "train_", "mech/")) else f"val_{name}"
 
 
 @contextmanager

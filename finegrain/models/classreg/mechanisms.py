@@ -50,3 +50,20 @@ def score(
     if len(agreement) > 1:
         out["agreement_gap"] = agreement[-1] - agreement[0]
     return out
+
+
+def verdict(scores: dict[str, tuple[float, float, float]]) -> str:
+    """The paper's claim: the per-stage class choices agree with the final decision, more so
+    with depth (the agreement gap's 95 % interval above 0)."""
+    stages = sorted(k for k in scores if k.startswith("agreement_stage"))
+    if not stages:
+        return "not scored (no ClassReg block)"
+    deep = scores[stages[-1]][0]
+    if "agreement_gap" not in scores:
+        return f"one block only: its class agrees with the prediction on {100 * deep:.0f} %"
+    gap, lo, hi = scores["agreement_gap"]
+    return (
+        f"{'holds' if lo > 0 else 'not shown'}: the deepest block agrees with the prediction on "
+        f"{100 * deep:.0f} % of clips, {100 * gap:+.0f} points more than the shallowest "
+        f"(95 % CI [{100 * lo:+.0f}, {100 * hi:+.0f}])"
+    )

@@ -114,3 +114,27 @@ def _mutual_information(a: Tensor, b: Tensor) -> float:
     return float(
         (joint[nz] * (joint[nz] / (pa * pb).expand_as(joint)[nz]).log2()).sum().clamp(min=0.0)
     )
+
+
+def verdict(scores: dict[str, tuple[float, float, float]]) -> str:
+    """The paper's claims on the last layer: neurons specialise (the selected neuron tells the
+    class group: MI's 95 % interval above 0, selection not uniform) and temporal classes go to
+    more temporal neurons (the temporal-share gap's interval above 0)."""
+    layers = sorted(int(k.rsplit("_l", 1)[1]) for k in scores if k.startswith("group_mi_l"))
+    if not layers:
+        return "not scored (no per-clip neuron selection)"
+    j = layers[-1]
+    mi, mi_lo, _ = scores[f"group_mi_l{j}"]
+    ent = scores.get(f"selection_entropy_norm_l{j}", (float("nan"),) * 3)[0]
+    special = mi_lo > 0 and ent < 0.95
+    parts = [
+        f"specialisation {'holds' if special else 'not shown'} (layer {j}: neuron-group MI "
+        f"{mi:.2f} bit, 95 % CI from {mi_lo:.2f}; selection entropy {ent:.2f} of uniform)"
+    ]
+    if f"temporal_share_gap_l{j}" in scores:
+        gap, lo, hi = scores[f"temporal_share_gap_l{j}"]
+        parts.append(
+            f"temporal routing {'holds' if lo > 0 else 'not shown'} (temporal-share gap "
+            f"{gap:+.2f}, 95 % CI [{lo:+.2f}, {hi:+.2f}])"
+        )
+    return "; ".join(parts)

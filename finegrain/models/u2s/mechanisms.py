@@ -49,7 +49,25 @@ def score(
         out["csm_precision"] = hits / n_pred
     if n_true:
         out["csm_recall"] = hits / n_true
+    if pairs:  # what a CSM of random pairs would score
+        out["csm_chance_precision"] = n_true / len(pairs)
     return out
+
+
+def verdict(scores: dict[str, tuple[float, float, float]]) -> str:
+    """The paper's claim — the CSM finds the classes a class is confused with — against the
+    benchmark's groups: precision above what random pairs would give (its 95 % interval)."""
+    if "csm_precision" not in scores or "csm_chance_precision" not in scores:
+        return "not scored (no CSM with predicted pairs)"
+    p, lo, _ = scores["csm_precision"]
+    chance = scores["csm_chance_precision"][0]
+    recall = scores.get("csm_recall", (float("nan"),) * 3)[0]
+    holds = lo > chance
+    return (
+        f"{'holds' if holds else 'not shown'}: CSM pairs are {100 * p:.0f} % true confusable "
+        f"pairs (95 % CI from {100 * lo:.0f} %; random pairs: {100 * chance:.0f} %), "
+        f"recall {100 * recall:.0f} %"
+    )
 
 
 def _group(spec) -> str | None:
