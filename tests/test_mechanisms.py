@@ -127,7 +127,12 @@ def u2s(csm, groups=GROUPS) -> dict:
 
 
 def test_u2s_csm_equal_to_the_groups_is_perfect():
-    assert u2s(TRUE_CSM) == {"csm_pairs": 2.0, "csm_precision": 1.0, "csm_recall": 1.0}
+    assert u2s(TRUE_CSM) == {
+        "csm_pairs": 2.0,
+        "csm_precision": 1.0,
+        "csm_recall": 1.0,
+        "csm_chance_precision": 1 / 3,
+    }
 
 
 def test_u2s_one_wrong_extra_pair_lowers_precision_only():
@@ -143,14 +148,24 @@ def test_u2s_one_wrong_extra_pair_lowers_precision_only():
 
 def test_u2s_soft_csm_is_thresholded_at_half_and_the_diagonal_ignored():
     soft = TRUE_CSM * 0.4 + 0.3  # 0.7 on same-group pairs, 0.3 elsewhere
-    assert u2s(soft) == {"csm_pairs": 2.0, "csm_precision": 1.0, "csm_recall": 1.0}
+    assert u2s(soft) == {
+        "csm_pairs": 2.0,
+        "csm_precision": 1.0,
+        "csm_recall": 1.0,
+        "csm_chance_precision": 1 / 3,
+    }
     missed = TRUE_CSM.clone()
     missed[2, 3] = missed[3, 2] = 0
-    assert u2s(missed) == {"csm_pairs": 1.0, "csm_precision": 1.0, "csm_recall": 0.5}
+    assert u2s(missed) == {
+        "csm_pairs": 1.0,
+        "csm_precision": 1.0,
+        "csm_recall": 0.5,
+        "csm_chance_precision": 1 / 3,
+    }
 
 
 def test_u2s_empty_prediction_has_no_precision():
-    assert u2s(torch.eye(4)) == {"csm_pairs": 0.0, "csm_recall": 0.0}
+    assert u2s(torch.eye(4)) == {"csm_pairs": 0.0, "csm_recall": 0.0, "csm_chance_precision": 1 / 3}
 
 
 def test_u2s_missing_diagnostics_give_nothing():
@@ -252,7 +267,9 @@ def test_real_u2s_model():
     model.begin_stage(1, lambda: [train])  # stage 2: the CSM computed and installed
     scores = real_scores("u2s", model)
     assert (
-        {"csm_pairs", "csm_recall"} <= set(scores) <= {"csm_pairs", "csm_recall", "csm_precision"}
+        {"csm_pairs", "csm_recall"}
+        <= set(scores)
+        <= {"csm_pairs", "csm_recall", "csm_precision", "csm_chance_precision"}
     )
     assert ("csm_precision" in scores) == (scores["csm_pairs"] > 0)
 
