@@ -816,3 +816,34 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     assert stopped.data.tags["early_stopped"] == "true"
     assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val_top1")) < 200
     assert stopped.data.metrics["bad_videos"] == 1  # counted as met, not lost with the trial
+
+
+def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
+    """A trial the time budget stopped just as its epoch ended has no result in Tune, but its
+    epoch is in its MLflow run: the sweep's table lists it from there."""
+    import pandas as pd
+    from mlflow.entities import Metric, Param
+
+    from finegrain.platform.tune import _with_unreported
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="sw").info.run_id
+    for trial, curve in {"aaa": [0.3, 0.5], "bbb": [0.2], "ccc": []}.items():
+        rid = client.create_run(
+            exp, run_name=f"sw-{trial}", tags={"mlflow.parentRunId": parent}
+        ).info.run_id
+        client.log_batch(
+            rid,
+            metrics=[Metric("val_top1", v, 0, i + 1) for i, v in enumerate(curve)],
+            params=[Param("model.neurons", "7")],
+        )
+    tune_rows = pd.DataFrame(
+        [{"model.neurons": 4, "val_best_top1": 0.5, "val_top1_last": 0.5, "epochs": 2,
+          "trial_id": "aaa"}]
+    )  # fmt: skip
+    table = _with_unreported(tune_rows, uri, parent, "sw")
+    assert table["trial_id"].tolist() == ["aaa", "bbb"]  # ccc finished no epoch
+    row = table.iloc[1]
+    assert (row["model.neurons"], row["val_best_top1"], row["epochs"]) == (7, 0.2, 1)

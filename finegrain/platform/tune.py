@@ -309,7 +309,7 @@ def run_sweep(
             raise
         close_stopped_children(uri, parent)
         cluster.wait_released()
-        table = _results_table(results)
+        table = _with_unreported(_results_table(results), uri, parent, name)
         if table["val_best_top1"].isna().all():
             raise RuntimeError(
                 "no trial finished an epoch: raise --time-budget or make trials cheaper "
@@ -379,6 +379,57 @@ def _results_table(results):
         .rename(columns={"val_top1": "val_top1_last", "epoch": "epochs"})
     )
     return df.sort_values("val_best_top1", ascending=False).reset_index(drop=True)
+
+
+def _with_unreported(df, uri: str, parent: str, sweep: str):
+    """``df`` and the trials Tune holds no result for: a trial stopped by the time budget just
+    as its epoch ended logged that epoch to its MLflow run (the trainer logs directly) before
+    its report reached Tune. Their rows come from MLflow, so the table accounts for every trial
+    that finished an epoch."""
+    import pandas as pd
+
+    client = tracking.tracking_client(uri)
+    parent_run = client.get_run(parent)
+    children = client.search_runs(
+        [parent_run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+        max_results=10_000,
+    )
+    known = set(df["trial_id"]) if "trial_id" in df else set()
+    rows = []
+    for run in children:
+        trial_id = (run.info.run_name or "").removeprefix(f"{sweep}-")
+        if trial_id in known or "baseline" in trial_id:
+            continue
+        history = client.get_metric_history(run.info.run_id, "val_top1")
+        if not history:
+            continue  # no epoch finished: nothing to compare
+        history = sorted(history, key=lambda m: m.step)
+        config = {k: _param(run.data.params.get(k)) for k in df.columns if "." in k}
+        rows.append(
+            config
+            | {
+                "val_best_top1": max(m.value for m in history),
+                "val_top1_last": history[-1].value,
+                "epochs": history[-1].step,
+                "trial_id": trial_id,
+            }
+        )
+    if not rows:
+        return df
+    print(f"{len(rows)} trial(s) stopped as they reported: their epochs come from MLflow")
+    df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
+    return df.sort_values("val_best_top1", ascending=False).reset_index(drop=True)
+
+
+def _param(text: str | None):
+    """An MLflow param (a string) back to its value."""
+    if text is None:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float:
