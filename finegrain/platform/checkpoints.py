@@ -17,7 +17,7 @@ from ray.train import Checkpoint
 
 if TYPE_CHECKING:
     from finegrain.models.base import FineGrainModel
-    from finegrain.platform.train import Stages
+    from finegrain.platform.stages import Stages
     from finegrain.platform.worker import Progress, Worker
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -16,7 +16,7 @@ from finegrain.platform.worker import say
 
 if TYPE_CHECKING:
     from finegrain.platform.checkpoints import Checkpoints
-    from finegrain.platform.train import Stages
+    from finegrain.platform.stages import Stages
     from finegrain.platform.worker import Progress, Worker
 
 
