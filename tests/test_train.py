@@ -89,6 +89,7 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert [h.step for h in history] == [1, 2]
     for key in ("val_top5", "val_mean_class_acc", "val_spatial_top1", "val_temporal_top1"):
         assert key in run.data.metrics
+    assert "val_videos" not in run.data.metrics and run.data.tags["val_videos"] == "4"
     paths = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "eval", "model"} <= paths
     evals = {a.path for a in client.list_artifacts(result.run_id, "eval")}

@@ -58,8 +58,10 @@ class RunLog:
             f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
             f"ETA {eta:.0f}s"
         )
-        constant = ("epoch", "total_epochs")  # the step, and a tag
+        # the step, and values constant over a run: tags, not flat-line charts
+        constant = ("epoch", "total_epochs", "val_videos")
         self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
+        self.logger.tags({"val_videos": int(metrics["val_videos"])})
         self.log_bad_videos(epoch + 1)
         # every epoch (overwritten): the last one's is what the suite tables pair rows on
         self.logger.text(per_video_csv(val["per_video"]), f"eval/{PER_VIDEO_FILE}")
