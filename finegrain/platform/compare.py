@@ -219,12 +219,22 @@ def per_video_correctness(uri: str, run_id: str) -> dict[str, int] | None:
     from finegrain.platform.metrics import PER_VIDEO_FILE, read_per_video
 
     client = MlflowClient(uri)
+    # one small file per run: MLflow's per-download progress bar would print a line for each
+    bar, os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = (
+        os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"),
+        "false",
+    )
     try:
         with tempfile.TemporaryDirectory() as d:
             path = client.download_artifacts(run_id, f"eval/{PER_VIDEO_FILE}", d)
             return read_per_video(Path(path).read_text())
     except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
         return None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def with_intervals(df: pd.DataFrame, baseline: int | None = 0) -> pd.DataFrame:
@@ -313,7 +323,8 @@ def delta_cell(row, percent: bool = True) -> str:
         return "—"
     sign = "+" if row["delta"] >= 0 else "−"
     delta = f"{sign}{_fmt(abs(row['delta']), percent)}"
-    return f"{delta} (p {row['p']:.3f})" + (" *" if row["significant"] else "")
+    p = "p < 0.001" if row["p"] < 0.001 else f"p {row['p']:.3f}"
+    return f"{delta} ({p})" + (" *" if row["significant"] else "")
 
 
 def intervals_caption(df: pd.DataFrame) -> str:
