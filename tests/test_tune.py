@@ -847,3 +847,20 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
     assert table["trial_id"].tolist() == ["aaa", "bbb"]  # ccc finished no epoch
     row = table.iloc[1]
     assert (row["model.neurons"], row["val_best_top1"], row["epochs"]) == (7, 0.2, 1)
+
+
+def test_a_failure_racing_a_sweeps_stop_does_not_turn_the_stop_into_failed(tmp_path):
+    """The time budget removes a trial's placement group; its trainer then raises
+    ActorDiedError while the sweep closes the run as stopped (tag early_stopped, KILLED): the
+    trial's own FAILED close must not win."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("r", artifact_location=(tmp_path / "art").as_uri())
+    stopped = client.create_run(exp).info.run_id
+    client.set_tag(stopped, "early_stopped", "true")  # the sweep's first step
+    assert not tracking.close_run(uri, stopped, "FAILED", error=RuntimeError("actor died"))
+    assert client.get_run(stopped).info.status == "RUNNING"  # the sweep closes it KILLED next
+    failed = client.create_run(exp).info.run_id
+    assert tracking.close_run(uri, failed, "FAILED", error=RuntimeError("a real bug"))
+    run = client.get_run(failed)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: a real bug"
