@@ -457,13 +457,21 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
     if "ci_lo" in df and df["ci_lo"].notna().any():  # the 95 % interval of with_intervals
         lo, hi = df["ci_lo"].to_numpy(float) * scale, df["ci_hi"].to_numpy(float) * scale
         err = np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0)
-        upper, bars = hi, "mean over seeds, 95 % CI (bootstrap)"
+        upper, bars = hi, "mean over seeds, 95 % CI"
         stars = df["significant"].to_numpy(bool)
-        if stars.any():
-            bars += f"; * differs from {df.attrs.get('baseline', 'the first bar')} (p < 0.05)"
+        spread = (
+            "error bars: 95 % interval (bootstrap over seeds and validation videos, or over "
+            "seeds without per-video results)"
+        )
+        if "p" in df and df["p"].notna().any():
+            spread += (
+                f"; *: differs from {df.attrs.get('baseline', 'the first bar')} (paired "
+                "permutation test, p < 0.05)"
+            )
     else:
         err, upper, bars = std, mean + std, "mean over seeds ± std"
         stars = np.zeros(len(df), bool)
+        spread = "error bars: ± sample std (n−1), none for a single run"
     ax.bar(x, mean, 0.7, yerr=err, color="#4c72b0", capsize=4, label=bars)
     ax.scatter(x, best, color="#dd8452", zorder=3, s=22, label="best run")
     top = np.fmax(np.nan_to_num(upper, nan=-np.inf), np.fmax(mean, best))
@@ -506,8 +514,8 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
     title = _chart_title(df, group_labels)
     fig.suptitle(textwrap.fill(title, int((width - 0.3) * 72 / (11 * 0.6))), fontsize=11)
     caption = (
-        f"Bars: mean over runs (seeds) of each run's final-epoch {metric}; error bars: ± "
-        "sample std (n−1), none for a single run; dots: best run"
+        f"Bars: mean over runs (seeds) of each run's final-epoch {metric}; {spread}; dots: "
+        "best run"
         + ("; dashed line: chance (1 / number of classes)." if chance is not None else ".")
     )
     lines = textwrap.wrap(caption, int((width - 0.3) * 72 / (CHART_PT * 0.55)))
