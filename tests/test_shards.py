@@ -90,7 +90,10 @@ def test_bad_videos_quarantined_rest_pack(dataset, tmp_path):
     quarantined = {q["video_id"]: q for q in report["quarantined"]}
     assert set(quarantined) == {"corrupt", "truncated", "truncated_tail", "empty"}
     assert quarantined["empty"]["error"] == "empty file (0 bytes)"
-    assert "last frames" in quarantined["truncated_tail"]["error"]
+    # decord's decoder thread may already fail on the first frame of a tail-cut file (seen in
+    # CI: "Error sending packet"); either way the file is quarantined with decord's reason
+    error = quarantined["truncated_tail"]["error"]
+    assert "last frames" in error or "DECORDError" in error, error
     assert all(q["error"] and q["path"] == str(paths[v]) for v, q in quarantined.items())
     assert report["splits"]["train"]["videos"] == 4 and report["splits"]["val"]["videos"] == 2
     assert report["splits"]["train"]["quarantined"] == 3
