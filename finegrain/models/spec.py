@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict
 class Options(BaseModel):
     """Base of every method's options: unknown keys are errors, values are checked on change."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 @dataclass(frozen=True)
