@@ -5,12 +5,21 @@
 For each model (at 8x112x112): step time of a plain PyTorch loop vs the same loop inside a Ray
 Train TorchTrainer with 1 worker (goal <= 1.05x), and throughput of 2 workers x 1 thread (DDP,
 gloo) vs 1 worker x 2 threads (goal >= 0.9x). Batches are random uint8 clips made once per
-process from a fixed seed; the timed steps follow one warm-up step.
+process from a fixed seed; the timed steps follow one warm-up step. Ray is started the way every
+finegrain command starts it (``finegrain.platform.cluster.connect``: dashboard and State API on,
+so Ray Train's placement-group cleaner works), so the overhead measured is the platform's.
+
+Where the time goes: beside each step time, the CPU seconds per step of the stepping process(es)
+(``time.process_time``: every thread of the step) and of the whole machine (``/proc/stat``)
+over the same timed steps. On 2 cores a loop that keeps both busy loses to anything else that
+runs: ``machine - step`` is what the rest (Ray's daemons, controller, dashboard; other load)
+took from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -32,8 +41,18 @@ def batches(n: int, batch: int, frames: int = 8, size: int = 112, classes: int =
     ]
 
 
-def timed_loop(model_name: str, steps: int, batch: int, threads: int, ddp: bool = False) -> float:
-    """Seconds per step (after one warm-up step) of the training step on in-memory batches."""
+def machine_cpu_s() -> float:
+    """CPU seconds used so far by the whole machine (all cores, ``/proc/stat``: user to steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def timed_loop(
+    model_name: str, steps: int, batch: int, threads: int, ddp: bool = False
+) -> dict[str, float]:
+    """Per step (after one warm-up step) of the training step on in-memory batches: wall
+    seconds ``step_s``, CPU seconds of this process ``cpu_s`` and of the machine ``machine_s``."""
     from finegrain.datasets.pipeline import to_model_input
     from finegrain.models import build_model
 
@@ -49,13 +68,17 @@ def timed_loop(model_name: str, steps: int, batch: int, threads: int, ddp: bool 
     model.train()
     for i, (clips, labels) in enumerate(data):
         if i == 1:
-            start = time.perf_counter()
+            start, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu_s()
         out = model(to_model_input(clips))
         loss = torch.nn.functional.cross_entropy(out.logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return (time.perf_counter() - start) / steps
+    return {
+        "step_s": (time.perf_counter() - start) / steps,
+        "cpu_s": (time.process_time() - cpu) / steps,
+        "machine_s": (machine_cpu_s() - machine) / steps,
+    }
 
 
 def _ray_loop(config: dict) -> None:
@@ -64,14 +87,22 @@ def _ray_loop(config: dict) -> None:
     per_step = timed_loop(
         config["model"], config["steps"], config["batch"], config["threads"], True
     )
+    if ray.train.get_context().get_world_size() > 1:  # the step's CPU: all workers together
+        import torch.distributed as dist
+
+        cpu = torch.tensor([per_step["cpu_s"]], dtype=torch.float64)
+        dist.all_reduce(cpu)
+        per_step["cpu_s"] = float(cpu)
     # Train V2 keeps a run's final metrics with its checkpoint: rank 0 attaches an empty one
     with tempfile.TemporaryDirectory() as d:
         rank0 = ray.train.get_context().get_world_rank() == 0
         checkpoint = ray.train.Checkpoint.from_directory(d) if rank0 else None
-        ray.train.report({"step_s": per_step}, checkpoint=checkpoint)
+        ray.train.report(per_step, checkpoint=checkpoint)
 
 
-def ray_step(model_name: str, steps: int, batch: int, workers: int, threads: int) -> float:
+def ray_step(
+    model_name: str, steps: int, batch: int, workers: int, threads: int
+) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -81,30 +112,33 @@ def ray_step(model_name: str, steps: int, batch: int, workers: int, threads: int
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
         run_config=RunConfig(storage_path="/tmp/finegrain-bench", name=f"overhead-{time.time()}"),
     )
-    return trainer.fit().metrics["step_s"]
+    return trainer.fit().metrics
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "r2plus1d_18"])
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument(
+        "--steps", type=int, help="timed steps per measurement (default: 40 tiny, 4 others)"
+    )
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args(argv)
 
-    import ray
+    from finegrain.platform import cluster
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    cluster.connect(num_cpus=2)
     rows = []
     for name in args.models:
-        print(f"[{name}] plain loop, 2 threads ...", flush=True)
-        plain = timed_loop(name, args.steps, args.batch, threads=2)
+        steps = args.steps or (40 if name == "tiny" else 4)
+        print(f"[{name}] plain loop, 2 threads, {steps} steps ...", flush=True)
+        plain = timed_loop(name, steps, args.batch, threads=2)
         print(f"[{name}] Ray Train, 1 worker x 2 threads ...", flush=True)
-        one = ray_step(name, args.steps, args.batch, workers=1, threads=2)
+        one = ray_step(name, steps, args.batch, workers=1, threads=2)
         print(f"[{name}] Ray Train, 2 workers x 1 thread ...", flush=True)
-        two = ray_step(name, args.steps, args.batch, workers=2, threads=1)
-        # throughput (clips/s): 1 worker processes `batch` clips per step, 2 workers 2x that
-        tp_one, tp_two = args.batch / one, 2 * args.batch / two
-        rows.append((name, plain, one, one / plain, tp_one, tp_two, tp_two / tp_one))
+        two = ray_step(name, steps, args.batch, workers=2, threads=1)
+        rows.append((name, plain, one, two))
+    import ray
+
     ray.shutdown()
 
     print(f"\nRay Train overhead (onepass, 8x112x112, batch {args.batch} per worker, 2 cores)")
@@ -112,11 +146,23 @@ def main(argv=None) -> int:
     head += "| 1w x 2t clips/s | 2w x 1t clips/s | 2w/1w (>=0.9) |"
     print(head)
     print("|---|---|---|---|---|---|---|")
-    for name, plain, one, ratio, tp1, tp2, scale in rows:
+    for name, plain, one, two in rows:
+        # throughput (clips/s): 1 worker processes `batch` clips per step, 2 workers 2x that
+        tp_one, tp_two = args.batch / one["step_s"], 2 * args.batch / two["step_s"]
         print(
-            f"| {name} | {plain:.3f} | {one:.3f} | {ratio:.2f} | {tp1:.1f} | {tp2:.1f} | "
-            f"{scale:.2f} |"
+            f"| {name} | {plain['step_s']:.3f} | {one['step_s']:.3f} | "
+            f"{one['step_s'] / plain['step_s']:.2f} | {tp_one:.1f} | {tp_two:.1f} | "
+            f"{tp_two / tp_one:.2f} |"
         )
+    print("\nWhere the time goes: CPU seconds per step, the step's own process(es) vs the machine")
+    print("| model | run | step s | step CPU s | machine CPU s | taken by the rest |")
+    print("|---|---|---|---|---|---|")
+    for name, *runs in rows:
+        for what, r in zip(("plain, 2 threads", "Ray 1w x 2t", "Ray 2w x 1t"), runs):
+            print(
+                f"| {name} | {what} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | "
+                f"{r['machine_s']:.3f} | {r['machine_s'] - r['cpu_s']:.3f} |"
+            )
     return 0
 
 
