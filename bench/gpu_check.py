@@ -60,7 +60,7 @@ def settings(args) -> dict:
 
 def make_shards(work: Path, s: dict) -> Path:
     """Small synthetic fine-grained shards under ``work`` (rendered and encoded here)."""
-    from finegrain.datasets.shards import prepare
+    from finegrain.datasets.shards import is_current, prepare
     from finegrain.datasets.synthetic import ensure_synthetic
 
     raw, out = work / "raw", work / "shards"
@@ -72,7 +72,7 @@ def make_shards(work: Path, s: dict) -> Path:
         workers=os.cpu_count() or 2,
         progress=False,
     )
-    if not (out / "report.json").exists():
+    if not is_current(out):
         prepare("ssv2", raw, out, extensions=("mp4",), shard_mb=4, progress=False)
     return out
 

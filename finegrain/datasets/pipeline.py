@@ -2,13 +2,17 @@
 
 A *plan* (:func:`plan_reads`) lists, in the order they are consumed, the shard files to read for
 each epoch and which of their rows a rank takes; a read task per planned file streams the file's
-``video``, ``video_id`` and ``label`` columns and keeps the rank's rows (:func:`read_planned`);
-``map_batches(ClipDecoder)`` in a pool of Ray actors samples frame indices (:mod:`.sampling`),
-decodes only those frames from the in-memory bytes with decord and applies the spatial
-transforms (:mod:`.transforms`) -> rows ``clip`` ``(T, S, S, 3)`` uint8, ``label``,
-``video_id``, ``view``, ``epoch``. Consumers iterate with :func:`iter_clip_batches` (one pass)
-or :class:`EpochBatches` (a whole multi-epoch run) and turn clips into normalised float model
-input on the training device with :func:`to_model_input`.
+``video``, ``video_id``, ``label`` and ``evidence`` columns and keeps the rank's rows
+(:func:`read_planned`); ``map_batches(ClipDecoder)`` in a pool of Ray actors samples frame
+indices (:mod:`.sampling`), decodes only those frames from the in-memory bytes with decord and
+applies the spatial transforms (:mod:`.transforms`) -> rows ``clip`` ``(T, S, S, 3)`` uint8,
+``label``, ``video_id``, ``view``, ``epoch`` and the clip's ground truth ``gt_part``,
+``gt_object`` ``(T, 4)`` float32 (boxes in the clip's pixels, NaN: none) and ``gt_visible``
+``(T,)`` bool: the synthetic benchmark's per-frame boxes carried through the same frame
+sampling, resize, crop and flip (NaN / False for a dataset without them). Consumers iterate
+with :func:`iter_clip_batches` (one pass) or :class:`EpochBatches` (a whole multi-epoch run)
+and turn clips into normalised float model input on the training device with
+:func:`to_model_input`; :class:`ClipCollate` hands the ground truth on as ``batch["evidence"]``.
 
 One execution per run. Ray Data cannot keep an actor pool alive from one execution of a dataset
 to the next (ray-project/ray#46479), and starting the decode actors costs seconds every epoch.
@@ -64,7 +68,12 @@ import ray
 
 from finegrain.datasets.layout import CLASSES_FILE, shard_files
 from finegrain.datasets.sampling import dense_indices, tsn_indices
-from finegrain.datasets.transforms import clip_views, flip_swap_map, unflippable_classes
+from finegrain.datasets.transforms import (
+    clip_views,
+    flip_swap_map,
+    unflippable_classes,
+    view_geometry,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -78,8 +87,10 @@ __all__ = [
     "ClipDecoder",
     "EVAL",
     "EpochBatches",
+    "GT_KEYS",
     "build_clip_dataset",
     "build_run_dataset",
+    "empty_gt",
     "file_order",
     "iter_clip_batches",
     "new_bad_video_log",
@@ -96,6 +107,8 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _COLUMNS = ["video", "video_id", "label"]
+_EVIDENCE = "evidence"  # optional shard column: the video's ground truth (JSON), or null
+GT_KEYS = ("gt_part", "gt_object", "gt_visible")
 EVAL = -1  # the stream of evaluation rows in a training run's dataset
 
 
@@ -322,16 +335,20 @@ def read_planned(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
 
 
 def _read_rows(path: str, rows: np.ndarray) -> pa.Table:
-    """Rows ``rows`` (sorted) of ``path``'s video, video_id and label columns, reading only the
-    row groups that hold them."""
+    """Rows ``rows`` (sorted) of ``path``'s video, video_id, label and evidence columns (the
+    last null where the shard has none), reading only the row groups that hold them."""
     shard = pq.ParquetFile(path)
     meta = shard.metadata
     bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
     groups = [
         g for g in range(meta.num_row_groups) if bounds[g] <= rows[-1] and bounds[g + 1] > rows[0]
     ]
-    table = shard.read_row_groups(groups, columns=_COLUMNS)
-    return table.take(pa.array(rows - bounds[groups[0]]))
+    has_evidence = _EVIDENCE in shard.schema_arrow.names
+    table = shard.read_row_groups(groups, columns=_COLUMNS + [_EVIDENCE] * has_evidence)
+    table = table.take(pa.array(rows - bounds[groups[0]]))
+    if not has_evidence:  # shards of datasets without ground truth (or built before it)
+        table = table.append_column(_EVIDENCE, pa.nulls(len(rows), pa.string()))
+    return table
 
 
 # --------------------------------------------------------------------------- bad videos
@@ -424,12 +441,22 @@ class ClipDecoder:
         out: np.ndarray | None = None,
         epoch: int = 0,
         stream: int = 0,
+        *,
+        evidence: str | dict | None = None,
+        gt: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One video -> (clips ``(V, T, S, S, 3)`` uint8, labels ``(V,)`` int64); raises if bad.
 
         ``out``: where to write the clips (a slice of the batch), else a new array. Each frame is
         decoded once even if eval clips overlap, resized once, cropped/flipped as views, and
         copied once into ``out``.
+
+        ``gt``: ``{"gt_part": (V, T, 4) float32, "gt_object": (V, T, 4) float32,
+        "gt_visible": (V, T) bool}`` arrays (e.g. :func:`empty_gt`) that receive the video's
+        ground truth ``evidence`` (its ``evidence.json`` entry, JSON text or parsed; None: no
+        boxes) at each view's sampled frames, carried through the view's resize, crop and flip
+        (:meth:`.transforms.ViewGeometry.transform_boxes`): boxes in the output clip's pixels,
+        NaN where there is none; visible where the entry says so and the part is in the view.
         """
         cfg, train, _ = self.mode(stream)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
@@ -439,8 +466,8 @@ class ClipDecoder:
         indices = sample_views(len(reader), cfg, train=train, rng=rng)
         wanted, where = np.unique(indices, return_inverse=True)
         frames = reader.get_batch(wanted.tolist()).asnumpy()
-        views = clip_views(
-            frames,
+        geometry = view_geometry(
+            *frames.shape[1:3],
             short_side=cfg.short_side,
             crop_size=cfg.crop_size,
             train=train,
@@ -448,6 +475,10 @@ class ClipDecoder:
             flip=cfg.flip and train and label not in self.no_flip,
             rng=rng,
         )
+        views = clip_views(
+            frames, short_side=cfg.short_side, crop_size=cfg.crop_size, train=train,
+            geometry=geometry,
+        )  # fmt: skip
         shape = (len(indices) * len(views), cfg.num_frames, cfg.crop_size, cfg.crop_size, 3)
         if out is None:
             out = np.empty(shape, np.uint8)
@@ -459,6 +490,8 @@ class ClipDecoder:
                 np.take(view, clip_index, axis=0, out=out[k * len(views) + c])
                 if flipped:
                     labels[k * len(views) + c] = self.swap.get(label, label)
+        if gt is not None:
+            _view_evidence(evidence, len(reader), frames.shape[1:3], indices, geometry, gt)
         return out, labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -470,6 +503,8 @@ class ClipDecoder:
         total = sum(views)
         clips = np.empty((total, cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), np.uint8)
         labels = np.empty(total, np.int64)
+        gt = empty_gt(total, cfg.num_frames)
+        evidence = batch.get(_EVIDENCE, [None] * rows)
         kept: list[int] = []
         n = 0
         for i, (video, label, video_id) in enumerate(
@@ -484,6 +519,8 @@ class ClipDecoder:
                     out=clips[n : n + v],
                     epoch=int(epochs[i]),
                     stream=int(streams[i]),
+                    evidence=evidence[i],
+                    gt={k: a[n : n + v] for k, a in gt.items()},
                 )
             except Exception as err:  # any undecodable video: skip, log, count
                 self._report(video_id, err, self.mode(int(streams[i]))[2])
@@ -500,6 +537,7 @@ class ClipDecoder:
             else np.zeros(0, np.int64),
             "epoch": np.asarray(epochs, np.int32)[rows_kept],
             "stream": np.asarray(streams, np.int8)[rows_kept],
+            **{k: a[:n] for k, a in gt.items()},
         }
 
     def _report(self, video_id: str, err: Exception, split: str | None = None) -> None:
@@ -514,6 +552,62 @@ class ClipDecoder:
                 ray.get(self.bad_log.add.remote(split, video_id, message[:300]), timeout=30)
             except Exception:  # the count is best effort; decoding goes on regardless
                 log.exception("could not record bad video %s", video_id)
+
+
+def empty_gt(views: int, num_frames: int) -> dict[str, np.ndarray]:
+    """Ground-truth arrays of ``views`` clips of ``num_frames`` frames with nothing in them:
+    ``gt_part``, ``gt_object`` NaN ``(views, num_frames, 4)`` float32, ``gt_visible`` False
+    ``(views, num_frames)``."""
+    return {
+        "gt_part": np.full((views, num_frames, 4), np.nan, np.float32),
+        "gt_object": np.full((views, num_frames, 4), np.nan, np.float32),
+        "gt_visible": np.zeros((views, num_frames), bool),
+    }
+
+
+def _frame_boxes(boxes: Any, num_frames: int, scale: tuple[float, float]) -> np.ndarray:
+    """A list of per-frame ``[x0, y0, x1, y1]`` or None -> ``(num_frames, 4)`` float64 in the
+    decoded frames' pixels (``scale`` = (x, y) factors), NaN where none or past its end."""
+    out = np.full((num_frames, 4), np.nan)
+    rows = [(t, b) for t, b in enumerate((boxes or [])[:num_frames]) if b is not None]
+    if rows:
+        out[[t for t, _ in rows]] = [b for _, b in rows]
+    return out * (scale[0], scale[1], scale[0], scale[1])
+
+
+def _view_evidence(
+    evidence: str | dict | None,
+    num_frames: int,
+    frame_size: tuple[int, int],
+    indices: np.ndarray,
+    geometry: list,
+    gt: dict[str, np.ndarray],
+) -> None:
+    """Fill ``gt`` (a video's slots, view = clip * crops + crop) from its ``evidence`` at the
+    sampled ``indices`` ``(clips, T)``, through each view's geometry; no evidence: NaN, False.
+    Malformed evidence is logged and counts as none: it never costs the video."""
+    gt["gt_part"][:], gt["gt_object"][:], gt["gt_visible"][:] = np.nan, np.nan, False
+    if evidence is None:
+        return
+    try:
+        if isinstance(evidence, bytes | str):
+            evidence = json.loads(evidence)
+        height, width = frame_size  # of the decoded frames; other box frames are scaled to it
+        scale = (width / evidence.get("width", width), height / evidence.get("height", height))
+        part = _frame_boxes(evidence.get("part"), num_frames, scale)[indices]  # (clips, T, 4)
+        obj = _frame_boxes(evidence.get("object"), num_frames, scale)[indices]
+        visible = np.zeros(num_frames, bool)
+        flags = np.asarray(evidence.get("visible") or [], bool)[:num_frames]
+        visible[: len(flags)] = flags
+        visible = visible[indices]
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as err:
+        log.warning("ignoring malformed evidence (%s: %s)", type(err).__name__, err)
+        return
+    boxes, crops = np.stack([part, obj]), len(geometry)
+    for c, g in enumerate(geometry):  # views c, c + crops, ...: every clip of crop c
+        view_part, gt["gt_object"][c::crops] = g.transform_boxes(boxes)
+        gt["gt_part"][c::crops] = view_part
+        gt["gt_visible"][c::crops] = visible & ~np.isnan(view_part[..., 0])
 
 
 # --------------------------------------------------------------------------- dataset
@@ -642,8 +736,13 @@ def _clip_dataset(shard_dir, items, config: ClipConfig, decoder: dict, what: str
 
 
 class ClipCollate:
-    """Numpy batch -> ``{"clips", "labels", "video_id", "view", "epoch"}`` (no copies of the
-    clips: the tensors view the arrays)."""
+    """Numpy batch -> ``{"clips", "labels", "video_id", "view", "epoch", "evidence"}`` (no
+    copies of the clips: the tensors view the arrays).
+
+    ``evidence``: the clips' ground truth, ``{"part": (B, T, 4) float32, "object": (B, T, 4)
+    float32, "visible": (B, T) bool}``, boxes ``(x0, y0, x1, y1)`` in the pixels of the
+    ``crop_size`` x ``crop_size`` clip frames, NaN where there is none (every clip of a dataset
+    without ground truth: NaN boxes, nothing visible)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -655,6 +754,12 @@ class ClipCollate:
                 "labels": torch.as_tensor(batch["label"], dtype=torch.int64),
                 "video_id": [str(v) for v in batch["video_id"]],
                 "view": torch.as_tensor(batch["view"], dtype=torch.int64),
+            }
+            gt = batch if all(k in batch for k in GT_KEYS) else empty_gt(*batch["clip"].shape[:2])
+            out["evidence"] = {
+                "part": torch.as_tensor(gt["gt_part"], dtype=torch.float32),
+                "object": torch.as_tensor(gt["gt_object"], dtype=torch.float32),
+                "visible": torch.as_tensor(gt["gt_visible"], dtype=torch.bool),
             }
         if "epoch" in batch and len(batch["epoch"]):
             out["epoch"] = int(batch["epoch"][0])
@@ -723,7 +828,9 @@ def iter_clip_batches(
     device: str | torch.device = "cpu",
 ) -> Iterator[dict[str, Any]]:
     """Batches ``{"clips": (B, T, H, W, 3) uint8, "labels": (B,) int64, "video_id": [str],
-    "view": (B,) int64}`` from one pass over a clip dataset (the last batch may be short)."""
+    "view": (B,) int64, "evidence": {...}}`` (:class:`ClipCollate`) from one pass over a clip
+    dataset (the last batch may be short). ``device``: where clips, labels and views go; the
+    evidence stays on the CPU."""
     import torch
 
     collate, batcher = ClipCollate(), _Batcher(batch_size)

@@ -2,8 +2,12 @@
 
 The manifest has one row per usable video with the columns ``video_id`` (string), ``path``
 (string, absolute), ``label`` (int32, an index into the dataset's own class list), ``label_name``
-(string) and ``split`` ("train" | "val" | "test"). Every reader adds rows split by split
-(train, val, test) in annotation order, so the same annotations always give the same manifest.
+(string) and ``split`` ("train" | "val" | "test"), and, for a dataset with per-frame ground
+truth (the synthetic benchmark's ``evidence.json`` beside its ``labels.json``), ``evidence``
+(nullable string: the video's entry as compact JSON; see :mod:`.synthetic`). Real datasets have
+none: their manifests lack the column, which :func:`with_evidence` adds as null. Every reader adds
+rows split by split (train, val, test) in annotation order, so the same annotations always give
+the same manifest.
 
 Under ``root`` each reader looks where the official download (and the synthetic benchmark) puts
 its files; ``annotations`` (the folder holding the annotation files) and ``videos`` (the folder
@@ -53,6 +57,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
+# Optional: the synthetic benchmark's per-frame ground truth of a video (its evidence.json entry,
+# compact JSON), null for a video without any. A reader adds it only when the dataset has some;
+# :func:`with_evidence` adds it (all null) to a manifest without it.
+EVIDENCE_FIELD = pa.field("evidence", pa.string(), nullable=True)
+MANIFEST_EVIDENCE_SCHEMA = MANIFEST_SCHEMA.append(EVIDENCE_FIELD)
+EVIDENCE_FILE = "evidence.json"
 SUBTLETIES = ("spatial", "temporal")
 
 
@@ -157,6 +167,7 @@ class _Manifest:
         self.index = {name: i for i, name in enumerate(self.classes)}
         self._folded = {name.lower(): i for i, name in enumerate(self.classes)}
         self.rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+        self.evidence: list[str | None] = []
         self.seen: dict[str, str] = {}
         self.issues = ReaderIssues()
 
@@ -171,8 +182,10 @@ class _Manifest:
         label: int | None,
         label_text: str,
         find: tuple[_Files, Path, str],
+        evidence: dict | None = None,
     ) -> None:
-        """Add one row; ``find`` = (files, directory, stem) locates the video."""
+        """Add one row; ``find`` = (files, directory, stem) locates the video; ``evidence``:
+        the video's ground truth, if the dataset has any."""
         if label is None or not 0 <= label < len(self.classes):
             self.issues.unknown_labels.append(f"{video_id}: label {label_text!r}")
             return
@@ -190,8 +203,16 @@ class _Manifest:
             (video_id, os.path.abspath(path), label, self.classes[label], split),
         ):
             self.rows[key].append(value)
+        self.evidence.append(
+            None if evidence is None else json.dumps(evidence, separators=(",", ":"))
+        )
 
     def table(self) -> pa.Table:
+        """The manifest; with the ``evidence`` column when some video has ground truth."""
+        if any(e is not None for e in self.evidence):
+            return pa.table(
+                {**self.rows, "evidence": self.evidence}, schema=MANIFEST_EVIDENCE_SCHEMA
+            )
         return pa.table(self.rows, schema=MANIFEST_SCHEMA)
 
 
@@ -230,6 +251,7 @@ def _ssv2(root, annotations, videos, split, extensions):
     name_to_index = _read_json(labels)
     classes = sorted(name_to_index, key=lambda name: int(name_to_index[name]))
     out, files = _Manifest(classes), _Files(extensions)
+    truth = _ssv2_evidence(labels.parent, out.issues)
     for split_name, path in lists.items():
         for entry in _read_json(path):
             try:
@@ -238,8 +260,29 @@ def _ssv2(root, annotations, videos, split, extensions):
                 out.issues.malformed.append(f"{path.name}: {str(entry)[:80]}")
                 continue
             name = template.replace("[", "").replace("]", "")
-            out.add(video_id, split_name, out.label_of(name), name, (files, video_dir, video_id))
+            find = (files, video_dir, video_id)
+            out.add(video_id, split_name, out.label_of(name), name, find, truth.get(video_id))
     return out
+
+
+def _ssv2_evidence(folder: Path, issues: ReaderIssues) -> dict[str, dict]:
+    """``folder/evidence.json`` (the synthetic benchmark's ground truth, beside its labels.json)
+    as ``{video_id: entry}``; empty when there is none (real SSv2). Entries that are not JSON
+    objects are counted as malformed and left out."""
+    path = folder / EVIDENCE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = _read_json(path)
+    except ValueError as e:
+        issues.malformed.append(f"{path.name}: not JSON ({e})")
+        return {}
+    if not isinstance(raw, dict):
+        issues.malformed.append(f"{path.name}: not an object of video ids")
+        return {}
+    good = {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+    issues.malformed += [f"{path.name}: {k}: not an object" for k in raw if str(k) not in good]
+    return good
 
 
 def _diving48(root, annotations, videos, split, extensions):
@@ -492,6 +535,21 @@ def read_dataset(
 # --------------------------------------------------------------------------- writing
 
 
+def manifest_schema(manifest: pa.Table) -> pa.Schema:
+    """:data:`MANIFEST_SCHEMA`, with the ``evidence`` column when ``manifest`` has one."""
+    has = EVIDENCE_FIELD.name in manifest.column_names
+    return MANIFEST_EVIDENCE_SCHEMA if has else MANIFEST_SCHEMA
+
+
+def with_evidence(manifest: pa.Table) -> pa.Table:
+    """``manifest`` (its :data:`MANIFEST_SCHEMA` columns, any order) with the ``evidence``
+    column, null where it had none, as :data:`MANIFEST_EVIDENCE_SCHEMA`."""
+    if EVIDENCE_FIELD.name not in manifest.column_names:
+        empty = pa.nulls(manifest.num_rows, pa.string())
+        manifest = manifest.append_column(EVIDENCE_FIELD.name, empty)
+    return manifest.select(MANIFEST_EVIDENCE_SCHEMA.names).cast(MANIFEST_EVIDENCE_SCHEMA)
+
+
 def find_class_groups(
     root: str | Path, annotations: str | Path | None, classes: Sequence[str]
 ) -> dict[str, dict[str, str]] | None:
@@ -527,7 +585,7 @@ def write_manifest(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / layout.MANIFEST_FILE
-    pq.write_table(manifest.cast(MANIFEST_SCHEMA), path)
+    pq.write_table(manifest.cast(manifest_schema(manifest)), path)
     _write_json(out / layout.CLASSES_FILE, {str(i): name for i, name in enumerate(classes)})
     if class_groups is not None:
         _write_json(out / layout.CLASS_GROUPS_FILE, class_groups)

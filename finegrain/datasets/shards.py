@@ -1,7 +1,8 @@
 """Parquet shards: the manifest's encoded videos, probed with decord and packed as they are.
 
 ``OUT/shards/{split}-{k:05d}.parquet`` holds about ``shard_mb`` of videos with the columns of
-:data:`SHARD_SCHEMA`. Shard membership is planned up front from the manifest order and the file
+:data:`SHARD_SCHEMA` (``evidence``: the manifest's per-frame ground truth of the video, JSON, null
+for datasets without it). Shard membership is planned up front from the manifest order and the file
 sizes, so the same manifest always gives the same shards; each finished shard gets a sidecar
 ``OUT/shard_meta/{name}.json`` (plan fingerprint, counts, quarantined videos). A re-run skips every
 shard whose sidecar matches the plan and rebuilds the report from the sidecars alone.
@@ -42,6 +43,7 @@ from finegrain.datasets.readers import (
     ReaderIssues,
     find_class_groups,
     read_dataset,
+    with_evidence,
     write_manifest,
 )
 
@@ -54,22 +56,24 @@ SHARD_SCHEMA = pa.schema(
         ("fps", pa.float64()),
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("evidence", pa.string()),  # the manifest's per-frame ground truth (JSON) or null
     ]
 )
 ROW_GROUP_BYTES = 32 << 20  # readers hold one row group in memory, not a whole 256 MB shard
 SHOW_FIRST = 20  # quarantined videos named on stderr; report.json lists them all
-_FORMAT = 1  # bump when the shard layout changes so old shards are rebuilt
+_FORMAT = 2  # bump when the shard layout changes so old shards are rebuilt
 
 Probe = Callable[[str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One planned shard: its name, split and members (video_id, path, label, size, mtime_ns)."""
+    """One planned shard: its name, split and members (video_id, path, label, size, mtime_ns,
+    evidence)."""
 
     name: str
     split: str
-    members: tuple[tuple[str, str, int, int, int], ...]
+    members: tuple[tuple[str, str, int, int, int, str | None], ...]
 
     @property
     def fingerprint(self) -> str:
@@ -80,10 +84,11 @@ class Shard:
 def plan_shards(manifest: pa.Table, shard_mb: float) -> list[Shard]:
     """Cut each split, in manifest order, into runs of about ``shard_mb`` MiB of files."""
     limit = shard_mb * (1 << 20)
-    rows = manifest.select(["video_id", "path", "label", "split"]).to_pylist()
+    manifest = with_evidence(manifest)
+    rows = manifest.select(["video_id", "path", "label", "split", "evidence"]).to_pylist()
     shards: list[Shard] = []
     for split in SPLITS:
-        runs: list[list[tuple[str, str, int, int, int]]] = []
+        runs: list[list[tuple[str, str, int, int, int, str | None]]] = []
         size_now = 0
         for row in (r for r in rows if r["split"] == split):
             try:
@@ -94,7 +99,8 @@ def plan_shards(manifest: pa.Table, shard_mb: float) -> list[Shard]:
             if not runs or size_now + size > limit:
                 runs.append([])
                 size_now = 0
-            runs[-1].append((row["video_id"], row["path"], row["label"], size, mtime))
+            member = (row["video_id"], row["path"], row["label"], size, mtime, row["evidence"])
+            runs[-1].append(member)
             size_now += size
         shards += [
             Shard(layout.shard_name(split, k), split, tuple(run)) for k, run in enumerate(runs)
@@ -252,7 +258,7 @@ def _as_table(manifest: pa.Table | Any | str | Path) -> pa.Table:
     bad = set(manifest.column("split").to_pylist()) - set(SPLITS)
     if bad:
         raise ValueError(f"manifest split must be one of {SPLITS}, got {sorted(bad)}")
-    return manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    return with_evidence(manifest)  # a manifest without ground truth: evidence null
 
 
 def _check_options(shard_mb: float, workers: int | None) -> int:
@@ -350,15 +356,27 @@ def build_shards(
     return report
 
 
+def is_current(out: str | Path) -> bool:
+    """Whether ``OUT/report.json`` describes shards of this shard format (older builds lack
+    columns, e.g. ``evidence``: :func:`prepare` on the same folder brings them up to date)."""
+    try:
+        report = json.loads((Path(out) / layout.REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == _FORMAT
+
+
 def _finish(shard: Shard, results: dict[int, tuple], out: Path) -> dict:
     """Write a shard's parquet file, then its sidecar."""
     rows, quarantined = [], []
-    for i, (video_id, path, label, _, _) in enumerate(shard.members):
+    for i, (video_id, path, label, _, _, evidence) in enumerate(shard.members):
         data, meta, error = results[i]
         if error is not None:
             quarantined.append({"video_id": video_id, "path": path, "error": error})
             continue
-        rows.append({"video": data, "video_id": video_id, "label": label, **meta})
+        rows.append(
+            {"video": data, "video_id": video_id, "label": label, **meta, "evidence": evidence}
+        )
     shard_file = layout.shard_path(out, shard.name)
     file_bytes = _write_shard(shard_file, rows) if rows else 0
     if not rows:
@@ -404,6 +422,7 @@ def _report(plan, metas, shard_mb, reader_issues, report_extra) -> dict:
     }
     return {
         **(report_extra or {}),
+        "format": _FORMAT,  # a report without it (or older) describes shards to rebuild
         "shard_mb": shard_mb,
         "splits": splits,
         "totals": totals,

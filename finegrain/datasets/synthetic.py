@@ -17,7 +17,24 @@ Layout (that of SSv2, so the SSv2 reader reads it with no special case)::
     DIR/validation.json        "template": "Moving [something] from left to right",
                                "placeholders": ["red disc"]}, ...]
     DIR/classes.json         {name: {"index", "group", "subtlety", "template", "description"}}
+    DIR/evidence.json        {id: {"height": H, "width": W, "part": [box | null per frame],
+                               "object": [box | null per frame], "visible": [0 | 1 per frame]}}
     DIR/generated.json       the options and counts; written last, it marks DIR complete
+
+Ground truth (``evidence.json``), per frame of every video, in the pixel coordinates of the
+rendered frame (camera jitter included): a box is ``[x0, y0, x1, y1]`` (x to the right, y down,
+right and bottom edges exclusive like a slice; clipped to the frame, rounded outwards to 0.1 px,
+grown by the half pixel of anti-aliasing, so it holds every pixel the shape touches), null where
+nothing of it is in the frame. ``object`` is the main (moving) object (the container with its
+liquid for the fill scene; null while fully hidden behind the panel). ``part`` is what tells the
+class from the others of its group: the notch's corner (the same, intact corner in the plain
+class), the dots, the spill over the brim or the brim reached, the whole object for the shades,
+the overlap of mover and panel for occlusion, and the moving object (the lid for open / close)
+for the temporal groups. ``visible`` is 1 in the frames that show the difference: every frame
+for the static appearance differences (notch, dots, shade), the frames of motion for direction
+classes, the last frames (from the edge on; from the brim on) for push outcome and fill level,
+the overlap frames for occlusion; 0 where ``part`` is null. The pretraining classes have
+``object`` only (``part`` null, ``visible`` 0).
 
 A class's name is its template with the brackets removed (the SSv2 rule). The class pairs that a
 horizontal flip swaps are named with left/right ("... from left to right" <-> "... from right to
@@ -47,6 +64,7 @@ from finegrain.datasets.encode import write_mp4
 __all__ = [
     "CLASSES",
     "DEFAULT_CLASSES",
+    "EVIDENCE",
     "KINDS",
     "PRETRAIN_CLASSES",
     "GROUPS",
@@ -61,6 +79,7 @@ __all__ = [
 
 GENERATOR_VERSION = 1  # bump when a change alters the pixels, so ensure_synthetic regenerates
 MARKER = "generated.json"
+EVIDENCE = "evidence.json"
 MIN_FRAMES, MAX_FRAMES = 24, 64
 DEFAULT_CLASSES = 12
 
@@ -327,13 +346,92 @@ class _Scene:
 
 Draw = Callable[[_Frame, int], None]
 
+# --- ground truth ------------------------------------------------------------------------------
+# Each scene also returns ``evidence(t) -> (part, object, visible)``: the boxes (x0, y0, x1, y1,
+# world px, exclusive right/bottom edge) of the discriminative part and of the main object in
+# frame t (None where not drawn) and whether the difference from the group's other classes shows
+# in frame t. Derived from the same numbers the scene draws with, and drawing no random numbers,
+# so the pixels do not depend on it. A shape covers the pixels whose centre is less than half a
+# pixel from it (the anti-aliasing of _Frame.paint): its box is its extent grown by _AA.
+
+Box = tuple[float, float, float, float]
+Evidence = Callable[[int], tuple[Box | None, Box | None, bool]]
+_AA = 0.5
+
+
+def _rect_bounds(cx, cy, hw, hh, angle=0.0, pad=_AA) -> Box:
+    """Box of a ``_box`` of half sizes (hw, hh) turned by ``angle``, grown by ``pad``."""
+    c, s = abs(math.cos(angle)), abs(math.sin(angle))
+    ex, ey = c * hw + s * hh + pad, s * hw + c * hh + pad
+    return cx - ex, cy - ey, cx + ex, cy + ey
+
+
+def _disc_bounds(cx, cy, r) -> Box:
+    return cx - r - _AA, cy - r - _AA, cx + r + _AA, cy + r + _AA
+
+
+def _shape_bounds(kind: str, cx, cy, h, angle=0.0) -> Box:
+    """Box of ``_Frame.shape(kind, cx, cy, h, angle=angle)``."""
+    if kind == "disc":
+        return _disc_bounds(cx, cy, h)
+    if kind == "diamond":
+        return _rect_bounds(cx, cy, 0.8 * h, 0.8 * h, angle + math.pi / 4)
+    return _rect_bounds(cx, cy, h, h, angle)
+
+
+def _local_bounds(cx, cy, angle, u0, u1, v0, v1) -> Box:
+    """Box of the rectangle [u0, u1] x [v0, v1] in the frame of an object at (cx, cy) turned
+    by ``angle`` (``_rot``'s convention)."""
+    corners = [_rot(angle, u, v) for u in (u0, u1) for v in (v0, v1)]
+    xs, ys = [cx + p[0] for p in corners], [cy + p[1] for p in corners]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _union(*boxes: Box | None) -> Box | None:
+    boxes = [b for b in boxes if b is not None]
+    if not boxes:
+        return None
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def _intersection(a: Box | None, b: Box | None) -> Box | None:
+    if a is None or b is None:
+        return None
+    box = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return box if box[0] < box[2] and box[1] < box[3] else None
+
+
+def _moving(t: int, start: float, dur: float) -> bool:
+    """Whether a motion over [start, start + dur] moves the object into or out of frame t (its
+    position in frame t differs from that in frame t - 1 or t + 1)."""
+    return start - 1 < t < start + dur + 1
+
+
+def _frame_box(box: Box | None, jx: int, jy: int, size: int) -> list[float] | None:
+    """World box → the rendered frame's pixel coordinates (camera offset (jx, jy)), clipped to
+    the frame and rounded outwards to 0.1 px; None when nothing of it is in the frame."""
+    if box is None:
+        return None
+    x0, y0 = max(0.0, box[0] - jx), max(0.0, box[1] - jy)
+    x1, y1 = min(float(size), box[2] - jx), min(float(size), box[3] - jy)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    lo = [math.floor(v * 10 + 1e-6) / 10 for v in (x0, y0)]
+    hi = [math.ceil(v * 10 - 1e-6) / 10 for v in (x1, y1)]
+    return [round(lo[0], 1), round(lo[1], 1), round(hi[0], 1), round(hi[1], 1)]
+
 
 def _progress(t: float, start: float, dur: float, ease: bool = True) -> float:
     s = min(1.0, max(0.0, (t - start) / dur))
     return s * s * (3 - 2 * s) if ease else s
 
 
-def _scene_slide(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_slide(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     kind = str(rng.choice(["square", "disc", "diamond"]))
     color, cname = _vivid(rng)
@@ -346,12 +444,19 @@ def _scene_slide(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     if rng.random() < 0.5:
         sc.full_table()
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float]:
         p = _progress(t, start, dur)
         p = p if variant == "ltr" else 1 - p
-        f.shape(kind, x0 + dist * p, y + wobble * math.sin(phase + 2 * math.pi * p), h, color)
+        return x0 + dist * p, y + wobble * math.sin(phase + 2 * math.pi * p)
 
-    return [f"{cname} {_NOUNS[kind]}"], draw
+    def draw(f: _Frame, t: int) -> None:
+        f.shape(kind, *where(t), h, color)
+
+    def evidence(t: int):  # the direction is the object's motion
+        box = _shape_bounds(kind, *where(t), h)
+        return box, box, _moving(t, start, dur)
+
+    return [f"{cname} {_NOUNS[kind]}"], draw, evidence
 
 
 def _path(sc: _Scene, margin: float, min_dist: float) -> tuple[float, float, float, float]:
@@ -363,7 +468,7 @@ def _path(sc: _Scene, margin: float, min_dist: float) -> tuple[float, float, flo
             return x0, y0, x1, y1
 
 
-def _scene_notch(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_notch(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u = sc.rng, sc.unit
     color, cname = _vivid(rng)
     h = rng.uniform(6.0, 8.0) * u
@@ -373,19 +478,28 @@ def _scene_notch(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     cut = rng.uniform(0.75, 0.9) * h  # side of the notch; the square's side is 2h
     start, dur = sc.window()
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float, float]:
         p = _progress(t, start, dur)
-        cx, cy, angle = x0 + (x1 - x0) * p, y0 + (y1 - y0) * p, angle0 + spin * p
+        return x0 + (x1 - x0) * p, y0 + (y1 - y0) * p, angle0 + spin * p
+
+    def draw(f: _Frame, t: int) -> None:
+        cx, cy, angle = where(t)
         sdf = _box(f.x, f.y, cx, cy, h, h, angle)
         if variant == "notch":
             ox, oy = _rot(angle, sx * h, sy * h)
             sdf = np.maximum(sdf, -_box(f.x, f.y, cx + ox, cy + oy, cut, cut, angle))
         f.paint(sdf, color)
 
-    return [f"{cname} square"], draw
+    def evidence(t: int):  # the corner the notch is cut from (intact in the plain class)
+        cx, cy, angle = where(t)
+        (u0, u1), (v0, v1) = (sorted((k * (h + _AA), k * (h - cut - _AA))) for k in (sx, sy))
+        part = _local_bounds(cx, cy, angle, u0, u1, v0, v1)
+        return part, _rect_bounds(cx, cy, h, h, angle), True
+
+    return [f"{cname} square"], draw, evidence
 
 
-def _scene_rotate(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_rotate(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     color, cname = _vivid(rng)
     marker = (245.0, 245.0, 245.0) if rng.random() < 0.5 else (25.0, 25.0, 25.0)
@@ -397,17 +511,26 @@ def _scene_rotate(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     turn = rng.uniform(1.2, 2.7) * (1 if variant == "cw" else -1)  # 70-155 degrees
     start, dur = sc.window()
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float, float, float, float]:
         p = _progress(t, start, dur)
         x, y, theta = cx + drift[0] * p, cy + drift[1] * p, theta0 + turn * p
-        f.paint(_box(f.x, f.y, x, y, half_len, half_w, theta), color)
         mx, my = _rot(theta, half_len - 0.6 * r, 0.0)
-        f.paint(_disc(f.x, f.y, x + mx, y + my, r), marker)
+        return x, y, theta, x + mx, y + my
 
-    return [f"{cname} bar"], draw
+    def draw(f: _Frame, t: int) -> None:
+        x, y, theta, mx, my = where(t)
+        f.paint(_box(f.x, f.y, x, y, half_len, half_w, theta), color)
+        f.paint(_disc(f.x, f.y, mx, my, r), marker)
+
+    def evidence(t: int):  # the direction is the bar's turn
+        x, y, theta, mx, my = where(t)
+        box = _union(_rect_bounds(x, y, half_len, half_w, theta), _disc_bounds(mx, my, r))
+        return box, box, _moving(t, start, dur)
+
+    return [f"{cname} bar"], draw, evidence
 
 
-def _scene_fill(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_fill(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size, span = sc.rng, sc.unit, sc.size, sc.frames - 1
     bottom = sc.full_table(0.8, 0.9)
     liquid, lname = _vivid(rng)
@@ -468,10 +591,36 @@ def _scene_fill(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
                         liquid,
                     )
 
-    return [f"{lname} water", "glass"], draw
+    glass_box = _rect_bounds(cx, (top + bottom) / 2, cw, ch / 2)
+    # brim: the container's top, where the liquid stops (and the overflow would spill over)
+    rim = (cx - cw - 1.5 * u - _AA, top - 1.3 * u - _AA, cx + cw + 1.5 * u + _AA, top + wall + _AA)
+
+    def spill_box(t: int) -> Box | None:
+        """The overflow as drawn in frame t: the brimming liquid, the runs down the walls and
+        the puddles."""
+        if variant != "overflow" or not t > full_at:
+            return None
+        q = min(1.0, (t - full_at) / spill)
+        run = ch * min(1.0, 1.6 * q)
+        boxes = [_rect_bounds(cx, top - 0.5 * u, cw - wall, 0.8 * u)]
+        for side in spill_sides:
+            x = cx + side * (cw + 0.6 * u)
+            boxes.append(_rect_bounds(x, top + run / 2, 0.9 * u, run / 2))
+            if q > 0.6:
+                w = 7 * u * (q - 0.6) / 0.4
+                boxes.append(
+                    _rect_bounds(x + side * w / 2, bottom - 0.6 * u, w / 2 + 0.9 * u, 0.8 * u)
+                )
+        return _union(*boxes)
+
+    def evidence(t: int):  # the liquid at the brim: spilling over it or not (the last frames)
+        part = spill_box(t) if variant == "overflow" else (rim if t >= full_at else None)
+        return part, _union(glass_box, part), part is not None
+
+    return [f"{lname} water", "glass"], draw, evidence
 
 
-def _scene_push(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_push(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     color, cname = _vivid(rng)
     kind = str(rng.choice(["square", "disc"]))
@@ -491,7 +640,7 @@ def _scene_push(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
         start, dur = sc.window(0.5, 0.75)
         stop = edge - rng.uniform(0.05, 0.5) * h  # centre stays on the table
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float, float]:
         s = min(1.0, max(0.0, (t - start) / dur))
         angle, y = 0.0, y_rest
         if variant == "stops":
@@ -505,12 +654,21 @@ def _scene_push(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
             x, y = edge + speed * tau_x, min(floor, y_rest + 0.5 * gravity * tau**2)
             angle = spin * tau_x
         x = x if side > 0 else size - x
-        f.shape(kind, x, y, h, color, angle * side)
+        return x, y, angle * side
 
-    return [f"{cname} {_NOUNS[kind]}"], draw
+    def draw(f: _Frame, t: int) -> None:
+        x, y, angle = where(t)
+        f.shape(kind, x, y, h, color, angle)
+
+    def evidence(t: int):  # the outcome: the object going over the edge, or resting at it
+        x, y, angle = where(t)
+        box = _shape_bounds(kind, x, y, h, angle)
+        return box, box, t >= start + dur
+
+    return [f"{cname} {_NOUNS[kind]}"], draw, evidence
 
 
-def _scene_drop(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_drop(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     hue = (348.0 if variant == "crimson" else 8.0) + rng.uniform(-3, 3)
     color = _hsv(hue, rng.uniform(0.8, 0.95), rng.uniform(0.75, 0.95))
@@ -532,14 +690,20 @@ def _scene_drop(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
             tau, v = tau - 2 * v / gravity, v * bounce
         return y_rest
 
+    def where(t: int) -> tuple[float, float]:
+        return x + drift * _progress(t, start, dur, ease=False), height(t - start)
+
     def draw(f: _Frame, t: int) -> None:
-        p = _progress(t, start, dur, ease=False)
-        f.shape(kind, x + drift * p, height(t - start), h, color)
+        f.shape(kind, *where(t), h, color)
 
-    return [_NOUNS[kind]], draw
+    def evidence(t: int):  # the shade: the whole object, in every frame
+        box = _shape_bounds(kind, *where(t), h)
+        return box, box, True
+
+    return [_NOUNS[kind]], draw, evidence
 
 
-def _scene_vertical(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_vertical(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     color, cname = _vivid(rng)
     kind = str(rng.choice(["square", "disc", "diamond"]))
@@ -548,15 +712,22 @@ def _scene_vertical(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     x, low = rng.uniform(h + 2, size - h - 2), rng.uniform(h + 2 + dist, size - h - 2)
     start, dur = sc.window()
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> float:
         p = _progress(t, start, dur)
         lift = {"up": p, "down": 1 - p, "updown": math.sin(math.pi * p)}[variant]
-        f.shape(kind, x, low - dist * lift, h, color)
+        return low - dist * lift
 
-    return [f"{cname} {_NOUNS[kind]}"], draw
+    def draw(f: _Frame, t: int) -> None:
+        f.shape(kind, x, where(t), h, color)
+
+    def evidence(t: int):  # the direction is the object's motion
+        box = _shape_bounds(kind, x, where(t), h)
+        return box, box, _moving(t, start, dur)
+
+    return [f"{cname} {_NOUNS[kind]}"], draw, evidence
 
 
-def _scene_dots(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_dots(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     color, cname = _vivid(rng)
     dot = (245.0, 245.0, 245.0) if rng.random() < 0.5 else (25.0, 25.0, 25.0)
@@ -568,18 +739,26 @@ def _scene_dots(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     offsets = [(k - (n - 1) / 2) * 2.8 * r for k in range(n)]
     start, dur = sc.window()
 
+    def where(t: int) -> float:
+        return cx + amp * math.sin(2 * math.pi * cycles * _progress(t, start, dur, ease=False))
+
     def draw(f: _Frame, t: int) -> None:
-        p = _progress(t, start, dur, ease=False)
-        x = cx + amp * math.sin(2 * math.pi * cycles * p)
+        x = where(t)
         f.paint(_box(f.x, f.y, x, cy, h, h, angle), color)
         for k in offsets:
             dx, dy = _rot(angle + along, k, 0.0)
             f.paint(_disc(f.x, f.y, x + dx, cy + dy, r), dot)
 
-    return [f"{cname} square"], draw
+    def evidence(t: int):  # the dots, in every frame
+        x = where(t)
+        dots = [_rot(angle + along, k, 0.0) for k in offsets]
+        part = _union(*(_disc_bounds(x + dx, cy + dy, r) for dx, dy in dots))
+        return part, _rect_bounds(x, cy, h, h, angle), True
+
+    return [f"{cname} square"], draw, evidence
 
 
-def _scene_lid(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_lid(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     color, cname = _vivid(rng)
     lid_color = tuple(0.7 * c for c in color)
@@ -591,17 +770,26 @@ def _scene_lid(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     opened = rng.uniform(1.6, 2.1)  # 90-120 degrees
     start, dur = sc.window()
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float, float]:
         p = _progress(t, start, dur)
         phi = opened * (p if variant == "open" else 1 - p)
         vx, vy = hinge * math.cos(phi), -math.sin(phi)
+        return hx + bw * vx, hy + bw * vy, math.atan2(vy, vx)
+
+    def draw(f: _Frame, t: int) -> None:
+        lx, ly, lid_angle = where(t)
         f.paint(_box(f.x, f.y, cx, cy, bw, bh), color)
-        f.paint(_box(f.x, f.y, hx + bw * vx, hy + bw * vy, bw, th, math.atan2(vy, vx)), lid_color)
+        f.paint(_box(f.x, f.y, lx, ly, bw, th, lid_angle), lid_color)
 
-    return [f"{cname} box"], draw
+    def evidence(t: int):  # the lid's swing
+        lx, ly, lid_angle = where(t)
+        lid = _rect_bounds(lx, ly, bw, th, lid_angle)
+        return lid, _union(_rect_bounds(cx, cy, bw, bh), lid), _moving(t, start, dur)
+
+    return [f"{cname} box"], draw, evidence
 
 
-def _scene_occlude(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_occlude(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     rng, u, size = sc.rng, sc.unit, sc.size
     hue = rng.uniform(0, 360)
     color, cname = _vivid(rng, hue)
@@ -615,19 +803,30 @@ def _scene_occlude(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     y = oy + rng.uniform(-4, 4) * u
     start, dur = sc.window()
 
+    def where(t: int) -> float:
+        return x0 + (x1 - x0) * _progress(t, start, dur)
+
     def draw(f: _Frame, t: int) -> None:
-        p = _progress(t, start, dur)
+        x = where(t)
         occluder = _box(f.x, f.y, ox, oy, ow, oh)
         if variant == "front":
             f.paint(occluder, occ_color)
-        f.shape(kind, x0 + (x1 - x0) * p, y, h, color)
+        f.shape(kind, x, y, h, color)
         if variant == "behind":
             f.paint(occluder, occ_color)
 
-    return [f"{cname} {_NOUNS[kind]}", f"{oname} panel"], draw
+    panel = _rect_bounds(ox, oy, ow, oh)
+    covered = _rect_bounds(ox, oy, ow, oh, pad=-_AA)  # where the panel covers pixels fully
+
+    def evidence(t: int):  # where the mover and the panel overlap: which one is in front
+        mover = _shape_bounds(kind, where(t), y, h)
+        hidden = variant == "behind" and _intersection(mover, covered) == mover
+        return _intersection(mover, panel), None if hidden else mover, True
+
+    return [f"{cname} {_NOUNS[kind]}", f"{oname} panel"], draw, evidence
 
 
-def _scene_coarse(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
+def _scene_coarse(sc: _Scene, variant: str) -> tuple[list[str], Draw, Evidence]:
     """Pretraining: one shape (disc, square, diamond, ring) with one coarse motion."""
     rng, u, size = sc.rng, sc.unit, sc.size
     shape, motion = variant.split("-")
@@ -647,7 +846,7 @@ def _scene_coarse(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
     else:  # pulse
         grow, cycles = rng.uniform(0.6, 1.0), rng.uniform(1.5, 3)
 
-    def draw(f: _Frame, t: int) -> None:
+    def where(t: int) -> tuple[float, float, float]:
         p = _progress(t, start, dur, ease=motion == "drift")
         x, y, r = cx, cy, h
         if motion == "drift":
@@ -659,15 +858,28 @@ def _scene_coarse(sc: _Scene, variant: str) -> tuple[list[str], Draw]:
             y = floor - h - height * abs(math.sin(math.pi * bounces * p))
         else:
             r = h * (1 + grow * 0.5 * (1 - math.cos(2 * math.pi * cycles * p)))
+        return x, y, r
+
+    def draw(f: _Frame, t: int) -> None:
+        x, y, r = where(t)
         if shape == "ring":
             f.paint(np.abs(_disc(f.x, f.y, x, y, r)) - 0.35 * r, color)
         else:
             f.shape(shape, x, y, r, color, angle)
 
-    return [f"{cname} {shape}"], draw
+    def evidence(t: int):  # coarse classes: the object only
+        x, y, r = where(t)
+        box = (
+            _disc_bounds(x, y, 1.35 * r)
+            if shape == "ring"
+            else _shape_bounds(shape, x, y, r, angle)
+        )
+        return None, box, False
+
+    return [f"{cname} {shape}"], draw, evidence
 
 
-_SCENES: dict[str, Callable[[_Scene, str], tuple[list[str], Draw]]] = {
+_SCENES: dict[str, Callable[[_Scene, str], tuple[list[str], Draw, Evidence]]] = {
     "coarse": _scene_coarse,
     "slide": _scene_slide,
     "notch": _scene_notch,
@@ -755,17 +967,25 @@ def _clutter(sc: _Scene) -> list[Draw]:
 
 
 def render(
-    class_index: int, *, size: int = 64, seed: int = 0, index: int = 0, kind: str = "finegrained"
+    class_index: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    index: int = 0,
+    kind: str = "finegrained",
+    with_evidence: bool = False,
 ):
     """Render one clip of class ``class_index`` of ``kind`` (``CLASSES`` or, for
     ``"pretrain"``, ``PRETRAIN_CLASSES``) from generator (seed, index).
 
-    Returns ``(frames (T, size, size, 3) uint8, placeholders)``, T in [MIN_FRAMES, MAX_FRAMES].
+    Returns ``(frames (T, size, size, 3) uint8, placeholders)``, T in [MIN_FRAMES, MAX_FRAMES];
+    ``with_evidence``: ``(frames, placeholders, evidence)``, the video's ``evidence.json``
+    entry (see the module docstring). The pixels are the same either way.
     """
     cls = KINDS[kind][class_index]
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     sc = _Scene(rng, size, int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1)))
-    placeholders, draw = _SCENES[cls.scene](sc, cls.variant)
+    placeholders, draw, evidence = _SCENES[cls.scene](sc, cls.variant)
     margin = max(1, round(2 * sc.unit))
     world = _background(sc, margin)
     clutter = _clutter(sc)
@@ -786,7 +1006,16 @@ def render(
         draw(f, t)
         img = f.img * np.float32(gain[t]) + sigma * rng.standard_normal(f.img.shape, np.float32)
         out[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return out, placeholders
+    if not with_evidence:
+        return out, placeholders
+    truth: dict = {"height": size, "width": size, "part": [], "object": [], "visible": []}
+    for t in range(sc.frames):
+        jx, jy = (int(v) for v in jitter[t])
+        part, obj, visible = evidence(t)
+        truth["part"].append(_frame_box(part, jx, jy, size))
+        truth["object"].append(_frame_box(obj, jx, jy, size))
+        truth["visible"].append(int(visible and truth["part"][-1] is not None))
+    return out, placeholders, truth
 
 
 # --- dataset ---------------------------------------------------------------------------------
@@ -863,12 +1092,15 @@ def _video_id(index: int) -> str:
     return str(index + 1)
 
 
-def _make_video(task: tuple) -> tuple[int, list[str], int, int]:
-    """Render and encode one video (runs in a worker): → (index, placeholders, frames, bytes)."""
+def _make_video(task: tuple) -> tuple[int, list[str], int, int, dict]:
+    """Render and encode one video (runs in a worker): → (index, placeholders, frames, bytes,
+    evidence)."""
     index, class_index, seed, size, fps, path, kind = task
-    frames, placeholders = render(class_index, size=size, seed=seed, index=index, kind=kind)
+    frames, placeholders, evidence = render(
+        class_index, size=size, seed=seed, index=index, kind=kind, with_evidence=True
+    )
     write_mp4(path, frames, fps=fps)
-    return index, placeholders, len(frames), Path(path).stat().st_size
+    return index, placeholders, len(frames), Path(path).stat().st_size, evidence
 
 
 def _label(template: str, placeholders: list[str]) -> str:
@@ -880,6 +1112,12 @@ def _label(template: str, placeholders: list[str]) -> str:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _write_evidence(path: Path, evidence: dict[str, dict]) -> None:
+    """``evidence.json``: one compact line per video."""
+    lines = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in evidence.items()]
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def generate(
@@ -922,10 +1160,10 @@ def generate(
         (i, c, opts["seed"], opts["size"], opts["fps"], str(videos / f"{_video_id(i)}.mp4"), kind)
         for i, c in enumerate(labels)
     ]
-    results: dict[int, tuple[list[str], int, int]] = {}
+    results: dict[int, tuple[list[str], int, int, dict]] = {}
     step = max(1, math.ceil(len(tasks) / 10))
 
-    def record(result: tuple[int, list[str], int, int]) -> None:
+    def record(result: tuple[int, list[str], int, int, dict]) -> None:
         results[result[0]] = result[1:]
         if progress and (len(results) % step == 0 or len(results) == len(tasks)):
             print(
@@ -971,6 +1209,7 @@ def generate(
         )
     for split, entries in splits.items():
         _write_json(out / f"{split}.json", entries)
+    _write_evidence(out / EVIDENCE, {_video_id(i): results[i][3] for i in range(len(labels))})
     if ours:  # remove the videos of an earlier, larger benchmark (never files we did not write)
         keep = {f"{_video_id(i)}.mp4" for i in range(len(labels))}
         for stale in videos.glob("*.mp4"):
@@ -1018,7 +1257,9 @@ def ensure_synthetic(
     """``out``, generated first unless it already holds a complete benchmark with these options.
 
     Complete means: the marker (written last by :func:`generate`) names this generator version
-    and these options, and every annotated video exists. Anything else regenerates.
+    and these options, every annotated video exists and ``evidence.json`` covers them (a
+    benchmark generated before the ground truth was written is regenerated: same pixels).
+    Anything else regenerates.
     """
     opts = _options(
         classes, videos_per_class, size, seed, val_fraction, fps, workers, kind,
@@ -1054,6 +1295,9 @@ def _is_complete(out: Path, opts: dict) -> bool:
             e for s in ("train", "validation") for e in json.loads((out / f"{s}.json").read_text())
         ]
         if len(entries) != marker.get("videos") or not (out / "labels.json").is_file():
+            return False
+        # benchmarks generated before the ground truth existed have no evidence.json
+        if set(json.loads((out / EVIDENCE).read_text())) != {e["id"] for e in entries}:
             return False
         return all((out / "videos" / f"{e['id']}.mp4").stat().st_size > 0 for e in entries)
     except (OSError, ValueError, KeyError, TypeError):

@@ -18,12 +18,18 @@ those words exchanged. A class that names a direction but has no mirrored counte
 flipped without lying about its label, so its clips are never flipped (``unflippable_classes``).
 Other mirror-asymmetric cues (clockwise rotation, handedness) are not in the map; that is one
 reason flip is off by default for SSv2 and the synthetic benchmark (``default_flip``).
+
+Boxes: :func:`view_geometry` draws a clip's views (resize, crop box, flip) once;
+:meth:`ViewGeometry.apply` cuts the pixels and :meth:`ViewGeometry.transform_boxes` carries
+boxes drawn on the source frames (the synthetic benchmark's ground truth) into the view's pixel
+coordinates, with the same numbers.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +37,8 @@ __all__ = [
     "center_crop_box",
     "clip_views",
     "crop",
+    "ViewGeometry",
+    "view_geometry",
     "default_flip",
     "flip_swap_map",
     "hflip",
@@ -122,6 +130,75 @@ def hflip(clip: np.ndarray) -> np.ndarray:
     return clip[:, :, ::-1]
 
 
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where one spatial view comes from: frames of ``height`` x ``width`` resized to
+    ``resized`` (H, W), the ``size`` x ``size`` crop at ``box`` (top, left) of the resized
+    frames, mirrored when ``flipped``. The same numbers transform the pixels (:meth:`apply`) and
+    boxes drawn on the frames (:meth:`transform_boxes`)."""
+
+    height: int
+    width: int
+    resized: tuple[int, int]
+    box: Box
+    size: int
+    flipped: bool
+
+    def apply(self, resized: np.ndarray) -> np.ndarray:
+        """The view of ``(T, *self.resized, 3)`` (the resized clip): crop, then mirror (views)."""
+        view = crop(resized, self.box, self.size)
+        return hflip(view) if self.flipped else view
+
+    def transform_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes ``(..., 4)`` ``(x0, y0, x1, y1)`` in the source frames' pixel coordinates
+        (x right, y down, right/bottom edges exclusive) -> float32 boxes in the view's: scaled
+        as the resize scales (pixel edges map to pixel edges), shifted by the crop, mirrored
+        (``x -> size - x``, x0 and x1 swapped) when flipped, clipped to ``[0, size]``. NaN
+        where the box is NaN (none) or nothing of it is inside the crop."""
+        b = np.asarray(boxes, np.float64)
+        top, left = self.box
+        sy, sx = self.resized[0] / self.height, self.resized[1] / self.width
+        if self.flipped:  # x0' = size - (x1 * sx - left), x1' = size - (x0 * sx - left)
+            b = b[..., [2, 1, 0, 3]]
+            scale, shift = (-sx, sy, -sx, sy), (self.size + left, -top, self.size + left, -top)
+        else:
+            scale, shift = (sx, sy, sx, sy), (-left, -top, -left, -top)
+        out = np.clip(b * scale + shift, 0, self.size)
+        empty = ~((out[..., 2] > out[..., 0]) & (out[..., 3] > out[..., 1]))  # NaN: empty
+        out[empty] = np.nan
+        return out.astype(np.float32)
+
+
+def view_geometry(
+    height: int,
+    width: int,
+    *,
+    short_side: int,
+    crop_size: int,
+    train: bool,
+    n_crops: int = 1,
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> list[ViewGeometry]:
+    """The spatial views of a clip of ``height`` x ``width`` frames (see :func:`clip_views`),
+    drawing from ``rng`` exactly what :func:`clip_views` draws."""
+    if n_crops not in (1, 3):
+        raise ValueError(f"n_crops must be 1 or 3, got {n_crops}")
+    resized = short_side_size(height, width, short_side)  # (height, width) when already there
+    h, w = resized
+    if train:
+        if rng is None:
+            raise ValueError("clip_views(train=True) needs rng (a numpy Generator)")
+        box = random_crop_box(h, w, crop_size, rng)
+        flipped = bool(flip and rng.random() < 0.5)
+        return [ViewGeometry(height, width, resized, box, crop_size, flipped)]
+    if n_crops == 3:
+        boxes = three_crop_boxes(h, w, crop_size)
+    else:
+        boxes = [center_crop_box(h, w, crop_size)]
+    return [ViewGeometry(height, width, resized, box, crop_size, False) for box in boxes]
+
+
 def clip_views(
     frames: np.ndarray,
     *,
@@ -131,29 +208,25 @@ def clip_views(
     n_crops: int = 1,
     flip: bool = False,
     rng: np.random.Generator | None = None,
+    geometry: list[ViewGeometry] | None = None,
 ) -> list[tuple[np.ndarray, bool]]:
     """Spatial views of one clip ``(T, H, W, 3)`` uint8 -> ``[(view (T, S, S, 3), flipped)]``.
 
     Train: resize, one random crop, and (``flip``) a mirror with probability 1/2; the caller
     swaps the label of a flipped view (``flip_swap_map``). Eval: resize, then the centre crop
     (``n_crops = 1``) or three crops along the long side (``n_crops = 3``); never flipped.
-    The views may share memory with ``frames``.
+    The views may share memory with ``frames``. ``geometry``: the views'
+    :class:`ViewGeometry` from :func:`view_geometry` for these frames and options (drawn from
+    ``rng`` already), e.g. to transform boxes with the same numbers; else drawn here.
     """
-    if n_crops not in (1, 3):
-        raise ValueError(f"n_crops must be 1 or 3, got {n_crops}")
+    if geometry is None:
+        height, width = frames.shape[1:3]
+        geometry = view_geometry(
+            height, width, short_side=short_side, crop_size=crop_size, train=train,
+            n_crops=n_crops, flip=flip, rng=rng,
+        )  # fmt: skip
     clip = resize_short_side(frames, short_side)
-    height, width = clip.shape[1:3]
-    if train:
-        if rng is None:
-            raise ValueError("clip_views(train=True) needs rng (a numpy Generator)")
-        view = crop(clip, random_crop_box(height, width, crop_size, rng), crop_size)
-        flipped = bool(flip and rng.random() < 0.5)
-        return [(hflip(view) if flipped else view, flipped)]
-    if n_crops == 3:
-        boxes = three_crop_boxes(height, width, crop_size)
-    else:
-        boxes = [center_crop_box(height, width, crop_size)]
-    return [(crop(clip, box, crop_size), False) for box in boxes]
+    return [(g.apply(clip), g.flipped) for g in geometry]
 
 
 def _names(class_names: Sequence[str] | Mapping[int | str, str]) -> dict[int, str]:

@@ -177,7 +177,7 @@ def synthetic_dirs(cfg: ExperimentConfig) -> tuple[Path, Path]:
 
 
 def prepare_data(cfg: ExperimentConfig, quiet: bool = False) -> DataSpec:
-    from finegrain.datasets.shards import prepare
+    from finegrain.datasets.shards import is_current, prepare
 
     d = cfg.data
     if d.shards:
@@ -197,10 +197,12 @@ def prepare_data(cfg: ExperimentConfig, quiet: bool = False) -> DataSpec:
             kind=s.kind,
             val_videos_per_class=s.val_videos_per_class,
         )
-        if not (out / REPORT_FILE).exists():
+        if not is_current(out):  # shards of an older format lack columns (e.g. evidence)
             prepare("ssv2", raw, out, extensions=("mp4",), shard_mb=4, progress=not quiet)
     else:
         out = run_root(cfg.run.dir) / "data" / f"{d.dataset}-split{d.split}"
+        # (older shards of a real dataset are kept: its only new column, evidence, is null for
+        # real data, and the pipeline reads shards without it as such)
         if not (out / REPORT_FILE).exists():
             prepare(d.dataset, d.root, out, split=d.split, progress=not quiet)
     return load_spec(out)
