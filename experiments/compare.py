@@ -9,7 +9,8 @@ test of every row against a baseline row, and the run ids.
 
 Prints the Markdown table and writes it (--out, default runs/compare/report.md) with a bar chart
 PNG beside it. --metric takes top1, top5, mean_class_acc, spatial_top1, temporal_top1,
-best_top1 or the MLflow names (val_top1, ...): the value at each run's last epoch. Rows: tags
+best_top1, loss or the MLflow names (val/top1, train/loss, mech/..., ...): the value at each
+run's last epoch; accuracies are in % (older runs' val_top1 fractions are converted). Rows: tags
 method + variant (ablation suites) or method + backbone; --group-by takes tag or param names.
 Only FINISHED runs unless --all-statuses. An unknown experiment, metric or key exits with 2.
 For top1, rows are paired by seed and validation video (each run's eval/per_video.csv): the
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME",
         help="MLflow experiment name(s) (default: all but Default)",
     )
-    p.add_argument("--metric", default="top1", help="top1 (= val_top1), top5, best_top1, ...")
+    p.add_argument("--metric", default="top1", help="top1 (= val/top1), top5, best_top1, ...")
     p.add_argument("--out", type=Path, help="Markdown report (default: runs/compare/report.md)")
     p.add_argument("--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or embedded)")
     p.add_argument(

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         out = args.out or Path(__file__).resolve().parents[1] / DEFAULT_OUT
         made = pretrain(cfg, out, address=args.address)
         print(
-            f"\nbackbone of epoch {made['epoch']} (val top-1 {100 * made['val_top1']:.1f}%, "
+            f"\nbackbone of epoch {made['epoch']} (val top-1 {made['val/top1']:.1f}%, "
             f"{made['classes']} pretraining classes) saved to {made['path']}\n"
             f"sha256 {made['sha256']}; load it with --set model.weights={made['path']}"
         )

@@ -62,13 +62,15 @@ def main(argv=None) -> int:
 
 
 def report(result) -> None:
+    from finegrain.platform.keys import is_accuracy
     from finegrain.platform.tracking import ui_hint
 
     print(f"\nMLflow run id: {result.run_id}  (run name {result.run_name})")
-    keys = ["val_top1", "val_top5", "val_mean_class_acc", "val_spatial_top1", "val_temporal_top1"]
-    for k in keys + ["val_best_top1", "train_loss"]:
+    keys = ["val/top1", "val/top5", "val/mean_class_acc", "val/spatial_top1", "val/temporal_top1"]
+    for k in keys + ["val/best_top1", "val/loss", "train/loss"]:
         if k in result.metrics:
-            print(f"  {k:<22} {result.metrics[k]:.4f}")
+            value = result.metrics[k]
+            print(f"  {k:<22} " + (f"{value:.1f} %" if is_accuracy(k) else f"{value:.4f}"))
     print(f"Open the MLflow UI: {ui_hint(result.tracking_uri, result.run_id)}")
 
 

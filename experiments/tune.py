@@ -107,9 +107,9 @@ def report(result) -> None:
     print("\nbest configuration:")
     for k, v in result.best_params.items():
         print(f"  {k} = {v}")
-    line = f"best val top-1: {100 * result.best_top1:.1f}%"
+    line = f"best val top-1: {result.best_top1:.1f}%"
     if result.baseline_top1 is not None:
-        line += f"   one-pass baseline: {100 * result.baseline_top1:.1f}%"
+        line += f"   one-pass baseline: {result.baseline_top1:.1f}%"
     print(line)
     print(
         f"MLflow parent run {result.parent_run_id}; open the UI: {ui_hint(result.tracking_uri, result.parent_run_id)}"

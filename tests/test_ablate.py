@@ -64,7 +64,7 @@ def test_a_suite_row_names_the_runs_that_did_not_finish(tmp_path):
         [
             {"table": 1, "variant": v, "setting": "x", "top1_mean": m, "top1_std": float("nan"),
              "n": n, "seeds": s, "runs": "", "failed": "; ".join(unfinished.get(v, []))}
-            for v, m, n, s in (("gb", 0.5, 1, "0"), ("gb_df", float("nan"), 0, ""))
+            for v, m, n, s in (("gb", 50.0, 1, "0"), ("gb_df", float("nan"), 0, ""))
         ]
     )  # fmt: skip
     table.attrs["columns"] = ["top1"]
@@ -123,12 +123,12 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
             mine = [r for r in seeds if r.data.tags["variant"] == row.variant]
             assert {r.data.tags["suite"] for r in mine} == {"dfb"}
             assert sorted(r.data.params["run.seed"] for r in mine) == ["0", "1"]
-            top1 = [r.data.metrics["val_top1"] for r in mine]
+            top1 = [r.data.metrics["val/top1"] for r in mine]  # in %
             assert row.top1_mean == pytest.approx(statistics.mean(top1))
             assert row.top1_std == pytest.approx(statistics.stdev(top1))
-            top5 = [r.data.metrics["val_top5"] for r in mine]
+            top5 = [r.data.metrics["val/top5"] for r in mine]
             assert row.top5_mean == pytest.approx(statistics.mean(top5))
-            cell = f"{100 * statistics.mean(top1):.1f} ± {100 * statistics.stdev(top1):.1f}"
+            cell = f"{statistics.mean(top1):.1f} ± {statistics.stdev(top1):.1f}"
             assert any(f"`{row.variant}`" in line and cell in line for line in lines)
         assert sum(line.startswith("| 1 | `") for line in lines) == 2  # 2 rows (paper Table 1)
         # intervals over seeds x videos, and gb_df tested against the first row, gb
@@ -161,7 +161,7 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
         out = ray.get(task.remote(cfg.model_dump(mode="json"), ablate.final_checkpoint(cfg)))
         gb0 = next(r for r in seeds if r.data.tags[RUN_NAME_TAG] == cfg.run.name)
         assert out["epoch"] == 1
-        assert out["metrics"]["val_top1"] == pytest.approx(gb0.data.metrics["val_top1"])
+        assert out["metrics"]["val/top1"] == pytest.approx(gb0.data.metrics["val/top1"])
 
         again = ablate.run_suite(
             "dfb", base, seeds=[0, 1], variants=["gb", "gb_df"], max_concurrent=1

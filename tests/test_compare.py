@@ -32,14 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = "ablate-test"
 OTHER = "other-suite"
 
-# (method, variant) -> seed -> {step: val_top1}; the value at the last step is the final one.
+# (method, variant) -> seed -> {step: val/top1 (%)}; the value at the last step is the final one.
 LOGGED = {
-    ("onepass", "baseline"): {0: {1: 0.30, 2: 0.41}, 1: {1: 0.28, 2: 0.39}, 2: {1: 0.35, 2: 0.44}},
-    ("dsts", "full"): {0: {1: 0.40, 2: 0.52}, 1: {1: 0.45, 2: 0.47}, 2: {1: 0.38, 2: 0.55}},
+    ("onepass", "baseline"): {0: {1: 30.0, 2: 41.0}, 1: {1: 28.0, 2: 39.0}, 2: {1: 35.0, 2: 44.0}},
+    ("dsts", "full"): {0: {1: 40.0, 2: 52.0}, 1: {1: 45.0, 2: 47.0}, 2: {1: 38.0, 2: 55.0}},
 }
 
 
-def _log_run(client, exp_id, method, variant, seed, curve, start, status="FINISHED", tags=None):
+def _log_run(
+    client, exp_id, method, variant, seed, curve, start, status="FINISHED", tags=None, old=False
+):
+    """A run's val/top1 and val/best_top1 curves (in %); ``old``: as runs logged them before the
+    grouped names, val_top1 and val_best_top1 as fractions."""
     run = client.create_run(
         exp_id,
         start_time=start,
@@ -52,7 +56,14 @@ def _log_run(client, exp_id, method, variant, seed, curve, start, status="FINISH
         best = max(best, value)
         # the last epoch is logged with the *earliest* timestamp: "final" must mean last step
         ts = start + 1000 * (len(curve) - i)
-        metrics += [Metric("val_top1", value, ts, step), Metric("val_best_top1", best, ts, step)]
+        if old:
+            metrics += [Metric("val_top1", value / 100, ts, step)]
+            metrics += [Metric("val_best_top1", best / 100, ts, step)]
+        else:
+            metrics += [
+                Metric("val/top1", value, ts, step),
+                Metric("val/best_top1", best, ts, step),
+            ]
     client.log_batch(rid, metrics=metrics, params=[Param("run.seed", str(seed))])
     client.set_terminated(rid, status=status)
     return rid
@@ -72,10 +83,10 @@ def store(tmp_path_factory):
             start += 10_000
             rid = _log_run(client, exp, method, variant, seed, curve, start)
             ids.setdefault((method, variant), []).append(rid)
-    failed = _log_run(client, exp, "dsts", "full", 3, {1: 0.99, 2: 0.99}, start + 10_000, "FAILED")
+    failed = _log_run(client, exp, "dsts", "full", 3, {1: 99.0, 2: 99.0}, start + 10_000, "FAILED")
     # a sweep parent with one child: the parent is a summary, not a seed
     parent = client.create_run(exp, start_time=start + 20_000, tags={"method": "dsts"})
-    client.log_metric(parent.info.run_id, "val_top1", 0.97, step=1)
+    client.log_metric(parent.info.run_id, "val/top1", 97.0, step=1)
     client.set_terminated(parent.info.run_id)
     child = _log_run(
         client,
@@ -83,12 +94,12 @@ def store(tmp_path_factory):
         "dsts",
         "sweep",
         0,
-        {1: 0.5, 2: 0.6},
+        {1: 50.0, 2: 60.0},
         start + 30_000,
         tags={"mlflow.parentRunId": parent.info.run_id},
     )
     other = client.create_experiment(OTHER, artifact_location=(root / "art2").as_uri())
-    _log_run(client, other, "u2s", "full", 0, {1: 0.2, 2: 0.25}, start + 40_000)
+    _log_run(client, other, "u2s", "full", 0, {1: 20.0, 2: 25.0}, start + 40_000)
     return {"uri": uri, "ids": ids, "failed": failed, "parent": parent.info.run_id, "child": child}
 
 
@@ -109,22 +120,26 @@ def test_compare_reproduces_the_numbers_stored_in_mlflow(store):
         assert row.std == pytest.approx(statistics.stdev(finals), abs=1e-12)
         assert row.seeds == "0, 1, 2"
         assert row.runs == ", ".join(r[:8] for r in store["ids"][key])
-    assert df.attrs["metric"] == "val_top1"
+    assert df.attrs["metric"] == "val/top1"
     assert df.attrs["skipped"] == []
 
 
 def test_one_run_has_no_std_and_markdown_says_so(store):
     df = compare([SUITE], "top1", store["uri"])
     sweep = df[df["variant"] == "sweep"].iloc[0]
-    assert sweep["n"] == 1 and sweep["best"] == pytest.approx(0.6)
+    assert sweep["n"] == 1 and sweep["best"] == pytest.approx(60.0)
     assert sweep["std"] != sweep["std"]  # NaN
     assert "| dsts | sweep | 60.0 | 60.0 | 1 | 0 |" in to_markdown(df)
 
 
 def test_metric_names_and_best_top1(store):
     assert metric_key("top1") == metric_key("val_top1") == metric_key("metrics.val_top1")
-    assert metric_key("best_top1") == "val_best_top1"
+    assert metric_key("top1") == metric_key("val/top1") == "val/top1"
+    assert metric_key("best_top1") == "val/best_top1"
+    assert metric_key("train_loss") == "train/loss" and metric_key("lr") == "train/lr"
+    assert metric_key("branch_top1_z_avg") == "val/branch_top1/z_avg"
     assert metric_key("mech/csm_precision") == "mech/csm_precision"
+    assert metric_key("dsts/udl_alpha") == "dsts/udl_alpha"
     a = compare([SUITE], "top1", store["uri"])
     b = compare([SUITE], "val_top1", store["uri"])
     assert a[["best", "mean"]].equals(b[["best", "mean"]])
@@ -138,7 +153,7 @@ def test_metric_names_and_best_top1(store):
 def test_unfinished_runs_only_with_all_statuses_and_sweep_parents_never(store):
     df = compare([SUITE], "top1", store["uri"], all_statuses=True)
     full = df[(df["method"] == "dsts") & (df["variant"] == "full")].iloc[0]
-    assert full["n"] == 4 and full["best"] == pytest.approx(0.99)
+    assert full["n"] == 4 and full["best"] == pytest.approx(99.0)
     assert store["failed"][:8] in full["runs"]
     every = ", ".join(df["runs"])
     assert store["parent"][:8] not in every and store["child"][:8] in every
@@ -150,7 +165,7 @@ def test_group_by_and_default_grouping_over_experiments(store):
     assert set(df["experiment"]) == {SUITE, OTHER}
     by_method = compare([SUITE], "top1", store["uri"], group_by=["method"])
     dsts = by_method.set_index("method").loc["dsts"]
-    finals = [_final(c) for c in LOGGED[("dsts", "full")].values()] + [0.6]
+    finals = [_final(c) for c in LOGGED[("dsts", "full")].values()] + [60.0]
     assert dsts["n"] == 4 and dsts["mean"] == pytest.approx(statistics.mean(finals))
     by_seed = compare([SUITE], "top1", store["uri"], group_by=["params.run.seed"])
     assert list(by_seed["run.seed"]) == ["0", "1", "2"]
@@ -162,7 +177,7 @@ def test_errors_name_the_bad_value(store):
     with pytest.raises(CompareError) as err:
         compare(["no-such-suite"], "top1", store["uri"])
     assert SUITE in str(err.value) and OTHER in str(err.value)
-    with pytest.raises(CompareError, match=r"'val_top9'.*metrics: val_best_top1, val_top1"):
+    with pytest.raises(CompareError, match=r"'val/top9'.*metrics: val/best_top1, val/top1"):
         compare([SUITE], "top9", store["uri"])
     with pytest.raises(CompareError, match=r"group_by 'colour'.*tags: .*variant"):
         compare([SUITE], "top1", store["uri"], group_by=["colour"])
@@ -179,9 +194,9 @@ def test_markdown_and_png_are_written(store, tmp_path):
     md, png = write_report(df, tmp_path / "report.md")
     text = md.read_text()
     finals = [_final(c) for c in LOGGED[("dsts", "full")].values()]
-    mean, std = 100 * statistics.mean(finals), 100 * statistics.stdev(finals)
-    assert f"| dsts | full | {100 * max(finals):.1f} | {mean:.1f} ± {std:.1f} | 3 |" in text
-    assert "best val_top1 (%)" in text and "report.png" in text
+    mean, std = statistics.mean(finals), statistics.stdev(finals)
+    assert f"| dsts | full | {max(finals):.1f} | {mean:.1f} ± {std:.1f} | 3 |" in text
+    assert "best val/top1 (%)" in text and "report.png" in text
     assert png == tmp_path / "report.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -218,14 +233,14 @@ def top1_frame(**attrs) -> pd.DataFrame:
         {
             "variant": ["full", "no_udl", "average_all synapse"],
             "n": [3, 3, 1],
-            "best": [0.62, 0.55, 0.20],
-            "mean": [0.58, 0.50, 0.20],
-            "std": [0.03, 0.04, math.nan],
+            "best": [62.0, 55.0, 20.0],
+            "mean": [58.0, 50.0, 20.0],
+            "std": [3.0, 4.0, math.nan],
             "seeds": ["0, 1, 2", "0, 1, 2", "0"],
             "runs": ["a", "b", "c"],
         }
     )
-    df.attrs.update(metric="val_top1", experiments=["ablate-dsts"], **attrs)
+    df.attrs.update(metric="val/top1", experiments=["ablate-dsts"], **attrs)
     return df
 
 
@@ -271,7 +286,7 @@ def test_bar_chart_chance_and_title_from_attrs(tmp_path, close_figures):
     assert not [ln for ln in plain.axes[0].get_lines() if ln.get_linestyle() == "--"]
     assert plain.get_suptitle() == "ablate-dsts: Validation top-1 accuracy per variant"
     loss = top1_frame(chance=0.25)
-    loss.attrs["metric"] = "val_loss"  # not an accuracy: no chance line, no 0-100 % axis
+    loss.attrs["metric"] = "val/loss"  # not an accuracy: no chance line, no 0-100 % axis
     ax = bar_figure(loss).axes[0]
     assert not [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
     assert ax.get_ylim() != (0, 100)
@@ -302,21 +317,21 @@ def test_intervals_and_paired_tests_from_each_runs_per_video_results(tmp_path, c
     for variant, seeds in rows.items():
         for seed, correct in seeds.items():
             start += 1000
-            rid = _log_run(client, exp, "m", variant, seed, {1: float(correct.mean())}, start)
+            rid = _log_run(client, exp, "m", variant, seed, {1: 100 * correct.mean()}, start)
             per_video = [
                 {"video_id": f"v{i:03d}", "label": 0, "pred": 0 if c else 1, "correct": int(c)}
                 for i, c in enumerate(correct)
             ]
             client.log_text(rid, per_video_csv(per_video), "eval/per_video.csv")
     start += 1000
-    _log_run(client, exp, "m", "no_files", 0, {1: 0.4}, start)
-    _log_run(client, exp, "m", "no_files", 1, {1: 0.6}, start + 1000)
+    _log_run(client, exp, "m", "no_files", 0, {1: 40.0}, start)
+    _log_run(client, exp, "m", "no_files", 1, {1: 60.0}, start + 1000)
 
     df = with_intervals(compare(["iv"], "top1", uri))
     by = df.set_index("variant")
     assert df.attrs["baseline"] == "m / baseline"
     assert by.at["copy", "p"] == 1.0 and not by.at["copy", "significant"]
-    assert by.at["better", "significant"] and by.at["better", "delta"] > 0.2
+    assert by.at["better", "significant"] and by.at["better", "delta"] > 20  # in %
     assert by.at["better", "videos"] == 120 and by.at["no_files", "videos"] == 0
     assert math.isnan(by.at["no_files", "p"])  # no per-video results: no paired test
     for row in df.itertuples():
@@ -326,3 +341,28 @@ def test_intervals_and_paired_tests_from_each_runs_per_video_results(tmp_path, c
     assert "sign-flip permutation test" in md and "2/3 seeds × 120 videos per row" in md
     fig = bar_figure(df)
     assert "95 % CI" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_runs_logged_before_the_grouped_names_compare_in_percent(tmp_path):
+    """A run that logged val_top1 / val_best_top1 as fractions sits in the same table as one
+    that logged val/top1 in %: its values are read under the old name and converted."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mixed", artifact_location=(tmp_path / "art").as_uri())
+    start = 1_700_000_000_000
+    _log_run(client, exp, "dsts", "full", 0, {1: 30.0, 2: 40.0}, start, old=True)
+    _log_run(client, exp, "dsts", "full", 1, {1: 50.0, 2: 60.0}, start + 1000)
+    for name in ("top1", "val_top1", "val/top1"):
+        row = compare(["mixed"], name, uri).iloc[0]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(50.0)
+        assert row["best"] == pytest.approx(60.0)
+    best = compare(["mixed"], "best_top1", uri).iloc[0]
+    assert best["mean"] == pytest.approx(50.0)
+    only_old = tmp_path / "old.db"
+    uri = f"sqlite:///{only_old}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old", artifact_location=(tmp_path / "art2").as_uri())
+    _log_run(client, exp, "onepass", "-", 0, {1: 25.0}, start, old=True)
+    df = compare(["old"], "top1", uri)
+    assert df.attrs["metric"] == "val/top1" and df["best"].tolist() == pytest.approx([25.0])
+    assert "| 25.0 |" in to_markdown(df)

@@ -336,4 +336,8 @@ def test_u2s_csm_names_whole(sample):
 
 def test_per_class_csv():
     text = figures.per_class_csv(["a", "b, with comma"], [0.5, 1.0])
-    assert text.splitlines() == ["index,class,accuracy", '0,"a",0.5000', '1,"b, with comma",1.0000']
+    assert text.splitlines() == [
+        "index,class,accuracy_pct",
+        '0,"a",50.00',
+        '1,"b, with comma",100.00',
+    ]

@@ -140,19 +140,19 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
 
     space = {"model.neurons": {"type": "int", "low": 2, "high": 16}}
     search = optuna_searcher(space, "s", tmp_path / "optuna.db", seed=0)
-    search.set_search_properties("val_top1", "max", {})
+    search.set_search_properties("val/top1", "max", {})
     for trial_id in ("stopped", "complete", "failed"):
         assert search.suggest(trial_id)["model.neurons"] in range(2, 17)
-        search.on_trial_result(trial_id, {"val_top1": 0.2, "training_iteration": 1})
-    search.on_trial_result("complete", {"val_top1": 0.4, "training_iteration": 2})
-    search.on_trial_complete("stopped", {"val_top1": 0.2, "epoch": 1, "total_epochs": 2})
-    search.on_trial_complete("complete", {"val_top1": 0.4, "epoch": 2, "total_epochs": 2})
+        search.on_trial_result(trial_id, {"val/top1": 20.0, "training_iteration": 1})
+    search.on_trial_result("complete", {"val/top1": 40.0, "training_iteration": 2})
+    search.on_trial_complete("stopped", {"val/top1": 20.0, "epoch": 1, "total_epochs": 2})
+    search.on_trial_complete("complete", {"val/top1": 40.0, "epoch": 2, "total_epochs": 2})
     search.on_trial_complete("failed", None, error=True)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
-    assert study.trials[0].intermediate_values == {1: 0.2}
-    assert study.trials[1].value == 0.4
+    assert study.trials[0].intermediate_values == {1: 20.0}
+    assert study.trials[1].value == 40.0
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -258,7 +258,7 @@ def test_close_stopped_children_kills_only_the_sweeps_running_children(tmp_path)
     for run_id, epochs in ((at_max_t, 2), (halfway, 1)):
         client.set_tag(run_id, "total_epochs", "2")
         for step in range(1, epochs + 1):
-            client.log_metric(run_id, "val_top1", 0.5, step=step)
+            client.log_metric(run_id, "val/top1", 50.0, step=step)
     close_stopped_children(uri, parent)
     runs = (stopped, done, failed, foreign, at_max_t, halfway)
     status = {r: client.get_run(r).info.status for r in runs}
@@ -435,10 +435,10 @@ def test_ray_job_submit_on_a_2_cpu_head_runs_the_main_job_to_succeeded(
         (r.info.run_name, r.info.status, r.data.tags.get("early_stopped")) for r in children
     ]
     for run in children:  # every trial's epoch reached MLflow through the sweep's server
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")]
         assert steps == [1], (run.info.run_name, steps)
-    assert 0.0 <= parent.data.metrics["best_val_top1"] <= 1.0
-    assert 0.0 <= parent.data.metrics["baseline_val_top1"] <= 1.0
+    assert 0.0 <= parent.data.metrics["val/best_top1"] <= 100.0  # in %
+    assert 0.0 <= parent.data.metrics["val/baseline_best_top1"] <= 100.0
     # the artifacts, as the README's `mlflow ui` over this store serves them (from elsewhere)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -582,7 +582,7 @@ def test_two_node_cluster_places_trainer_workers_on_both_nodes(tmp_path, shards,
         cluster.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.metrics["epoch"] == 1
-    assert result.metrics["rank_param_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert result.metrics["sys/rank_param_drift"] == pytest.approx(0.0, abs=1e-6)
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -743,7 +743,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
 
     resumed = parent_run(store, "tune-dsts", "rs")
     assert resumed.info.run_id == parent and resumed.info.status == "FINISHED"
-    assert len(store.get_metric_history(parent, "best_val_top1")) == 1  # logged once, at the end
+    assert len(store.get_metric_history(parent, "val/best_top1")) == 1  # logged once, at the end
     after = child_runs(store, parent)
     names = [r.info.run_name for r in after]
     assert len(names) == len(set(names)) == 3, names  # no run duplicated, none lost
@@ -756,7 +756,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
         "FINISHED",
     )
     for run in after:  # each epoch logged once for trial 1; trials 2, 3 reran from scratch
-        steps = [m.step for m in store.get_metric_history(run.info.run_id, "val_top1")]
+        steps = [m.step for m in store.get_metric_history(run.info.run_id, "val/top1")]
         assert steps and set(steps) == {1}, (run.info.run_name, steps)
 
 
@@ -814,8 +814,8 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     ]
     stopped = runs[0]
     assert stopped.data.tags["early_stopped"] == "true"
-    assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val_top1")) < 200
-    assert stopped.data.metrics["bad_videos"] == 1  # counted as met, not lost with the trial
+    assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val/top1")) < 200
+    assert stopped.data.metrics["sys/bad_videos"] == 1  # counted as met, not lost with the trial
 
 
 def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
@@ -830,23 +830,23 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
     client = MlflowClient(uri)
     exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, run_name="sw").info.run_id
-    for trial, curve in {"aaa": [0.3, 0.5], "bbb": [0.2], "ccc": []}.items():
+    for trial, curve in {"aaa": [30.0, 50.0], "bbb": [20.0], "ccc": []}.items():
         rid = client.create_run(
             exp, run_name=f"sw-{trial}", tags={"mlflow.parentRunId": parent}
         ).info.run_id
         client.log_batch(
             rid,
-            metrics=[Metric("val_top1", v, 0, i + 1) for i, v in enumerate(curve)],
+            metrics=[Metric("val/top1", v, 0, i + 1) for i, v in enumerate(curve)],
             params=[Param("model.neurons", "7")],
         )
     tune_rows = pd.DataFrame(
-        [{"model.neurons": 4, "val_best_top1": 0.5, "val_top1_last": 0.5, "epochs": 2,
+        [{"model.neurons": 4, "val/best_top1": 50.0, "val/top1_last": 50.0, "epochs": 2,
           "trial_id": "aaa"}]
     )  # fmt: skip
     table = _with_unreported(tune_rows, uri, parent, "sw")
     assert table["trial_id"].tolist() == ["aaa", "bbb"]  # ccc finished no epoch
     row = table.iloc[1]
-    assert (row["model.neurons"], row["val_best_top1"], row["epochs"]) == (7, 0.2, 1)
+    assert (row["model.neurons"], row["val/best_top1"], row["epochs"]) == (7, 20.0, 1)
 
 
 def test_a_failure_racing_a_sweeps_stop_does_not_turn_the_stop_into_failed(tmp_path):

@@ -14,20 +14,30 @@ Tune, the suites and the figures) reads only specs, never a method's name:
 - ``suite``: the ablation suite, the rows of its paper's tables (``ablate.py --suite <method>``).
 - ``figures``: ``"module:function"`` drawing the method's diagnostics pictures, imported only when
   a picture is drawn (Ray's helper processes never import matplotlib or the models for it).
+- ``mechanisms_need_evidence``: the scorer scores only against evidence boxes (it returns ``{}``
+  without them), so evaluations on datasets without evidence skip collecting its diagnostics.
 - ``mechanisms``: ``"module:function"`` scoring the mechanism the method's paper argues through
-  against the ground truth the synthetic benchmark knows (its ``class_groups``), imported only
-  when scored (:meth:`MethodSpec.score_mechanisms`). The function's signature::
+  against the ground truth the synthetic benchmark knows (its ``class_groups`` and each
+  validation clip's evidence boxes), imported only when scored
+  (:meth:`MethodSpec.score_mechanisms`). The function's signature::
 
       def score(diagnostics: list[dict], labels: Tensor, preds: Tensor,
-                class_names: list[str], class_groups: dict) -> dict[str, float]
+                class_names: list[str], class_groups: dict,
+                evidence: list[dict | None] | None = None) -> dict[str, float]
 
   ``diagnostics``: the per-batch diagnostics dicts (CPU tensors) of every evaluated clip, all
   batches in order; ``labels`` (N,): the clips' true classes, concatenated in the same order;
   ``preds`` (N,): each clip's argmax prediction, same order; ``class_groups``: ``{class name:
   {"group", "subtlety": "spatial" | "temporal"}}``, empty on datasets without groups (then the
-  group-based scores are skipped). It returns plain floats keyed without the ``mech/`` prefix
-  the platform adds, ``{}`` when the diagnostics it needs are missing, leaves out a score that
-  is undefined (NaN) and never raises on a missing key.
+  group-based scores are skipped); ``evidence``: the per-batch ``batch["evidence"]`` dicts (CPU
+  tensors) aligned with ``diagnostics`` (same batches, same order), None for a batch without
+  one, or None altogether (then the evidence-based scores are skipped): ``"part"`` and
+  ``"object"`` ``(B, T, 4)`` float boxes ``(x0, y0, x1, y1)`` in the pixels of the model-input
+  clip (its T frames), NaN where there is no box (real datasets: all NaN), ``"visible"``
+  ``(B, T)`` bool, the frames where the class difference shows; :mod:`finegrain.models.evidence`
+  scores a method's maps against the boxes. It returns plain floats keyed without the
+  ``mech/`` prefix the platform adds, ``{}`` when the diagnostics (or the evidence) it needs
+  are missing, leaves out a score that is undefined (NaN) and never raises on a missing key.
 """
 
 from __future__ import annotations
@@ -94,6 +104,9 @@ class MethodSpec:
     suite: Suite | None = None
     figures: str | None = None
     mechanisms: str | None = None
+    # the scorer needs the evidence boxes: on a dataset without them (real data) the evaluator
+    # keeps no diagnostics for it (DFB's are ~36·K bytes per view: 160 MB an SSv2 evaluation)
+    mechanisms_need_evidence: bool = False
 
     def defaults(self) -> dict[str, Any]:
         """The method's options with their defaults."""
@@ -122,18 +135,22 @@ class MethodSpec:
         )
 
     def score_mechanisms(
-        self, diagnostics, labels, preds, class_names, class_groups
+        self, diagnostics, labels, preds, class_names, class_groups, evidence=None
     ) -> dict[str, float]:
         """The method's mechanism scores (``{}`` without a mechanisms function). A scorer that
-        fails prints a warning and gives ``{}``: a score never stops a run."""
+        fails prints a warning and gives ``{}``: a score never stops a run. ``evidence``: the
+        per-batch evidence dicts aligned with ``diagnostics``, or None (no ground truth)."""
         if not self.mechanisms:
             return {}
         import importlib
 
         try:
             module, function = self.mechanisms.split(":")
-            scores = getattr(importlib.import_module(module), function)(
-                diagnostics, labels, preds, list(class_names or []), class_groups or {}
+            scorer = getattr(importlib.import_module(module), function)
+            # a scorer written before the evidence existed (five arguments) still runs
+            extra = {"evidence": evidence} if _takes(scorer, "evidence") else {}
+            scores = scorer(
+                diagnostics, labels, preds, list(class_names or []), class_groups or {}, **extra
             )
             scores = {str(k): float(v) for k, v in (scores or {}).items()}
         except Exception as error:  # a score must never kill a run
@@ -144,6 +161,17 @@ class MethodSpec:
             )
             return {}
         return {k: v for k, v in scores.items() if math.isfinite(v)}  # undefined: left out
+
+
+def _takes(function: Callable, name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (True when unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def parse_options(method: str, options_type: type[Options], options: dict[str, Any]) -> Options:

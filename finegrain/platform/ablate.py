@@ -37,7 +37,7 @@ import yaml
 from finegrain.models import BASELINE, METHODS, method_options, method_spec
 from finegrain.models.spec import Suite, Variant
 from finegrain.models.spec import variant as _variant
-from finegrain.platform import tracking
+from finegrain.platform import keys, tracking
 from finegrain.platform.config import (
     ConfigError,
     ExperimentConfig,
@@ -461,7 +461,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig | dict, checkpoint: str | Path) ->
     """The model of ``cfg`` with ``checkpoint``'s weights, evaluated on every validation view
     by the training loop's own evaluation (:func:`finegrain.platform.train.evaluate_checkpoint`).
 
-    Returns ``{"metrics": {"val_top1": ...}, "epoch": the checkpoint's epoch (1-based)}``.
+    Returns ``{"metrics": {"val/top1": ... (%), ...}, "epoch": the checkpoint's epoch
+    (1-based), "per_video": the CSV of each video's prediction}``.
     """
     from finegrain.platform.config import validate
     from finegrain.platform.train import evaluate_checkpoint as evaluate
@@ -518,11 +519,15 @@ def _evaluate_all(suite, runs, todo, summary, uri, max_concurrent) -> list[str]:
             continue
         logger = tracking.RunLogger(uri, run_id)
         logger.text(cfg.to_yaml(), "config.yaml")
-        logger.metrics(out["metrics"], step=out["epoch"])
+        scores = dict(out["metrics"])
+        videos = scores.pop(keys.VIDEOS, None)  # constant: a tag, as a training run has it
+        logger.metrics(scores, step=out["epoch"])
+        if videos is not None:
+            logger.tags({keys.VIDEOS: int(videos)})
         if out.get("per_video"):
             logger.text(out["per_video"], f"eval/{PER_VIDEO_FILE}")
         tracking.close_run(uri, run_id, "FINISHED")
-        top1 = 100 * out["metrics"]["val_top1"]
+        top1 = scores[keys.TOP1]
         print(f"[{cfg.run.name}] val top1 {top1:.1f}% (epoch {out['epoch']})", flush=True)
     return failed
 
@@ -541,7 +546,7 @@ def _run_status(uri: str, cfg: ExperimentConfig) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------- the table
 
-# MLflow metric (compare's name) → column
+# metric (compare's name: top1 → val/top1, in %) → column
 COLUMNS = {
     "top1": "top-1",
     "top5": "top-5",
@@ -652,9 +657,10 @@ def _unfinished(uri: str, experiment: str) -> dict[str, list[str]]:
 
 
 def _pct(mean: float, std: float) -> str:
+    """An accuracy (logged in %) and its std, to one decimal."""
     if math.isnan(mean):
         return "—"
-    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
+    return f"{mean:.1f}" + ("" if math.isnan(std) else f" ± {std:.1f}")
 
 
 def to_markdown(table, setup: str = "") -> str:

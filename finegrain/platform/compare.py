@@ -1,7 +1,7 @@
 """Comparison tables from MLflow: one row per method/variant, best and mean ± std over seeds.
 
 Reads the runs with ``mlflow.search_runs`` (one run = one seed of one variant) and aggregates the
-final value of a per-epoch metric (``val_top1`` at the last epoch by default) per group:
+final value of a per-epoch metric (``val/top1`` at the last epoch by default) per group:
 
 - groups: the tags ``method`` + ``variant`` when the runs carry a ``variant`` tag (the ablation
   suites set it), else ``method`` + ``backbone``; with several experiments the experiment name
@@ -13,6 +13,9 @@ final value of a per-epoch metric (``val_top1`` at the last epoch by default) pe
 Only FINISHED runs count unless ``all_statuses``; a sweep's parent run (a run other selected
 runs name as ``mlflow.parentRunId``) is a summary, not a seed, and is left out. Runs without the
 metric are not averaged; they are listed in ``df.attrs["skipped"]``.
+
+Metric names are the grouped keys of :mod:`finegrain.platform.keys` (accuracies in %); a run
+logged before them (``val_top1``, a fraction) is read under its old name, converted to %.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from finegrain.platform import keys as metric_keys
 from finegrain.platform.tracking import resolve_tracking_uri
 
 DEFAULT_EXPERIMENT = "Default"
@@ -37,13 +41,26 @@ class CompareError(ValueError):
 
 
 def metric_key(metric: str) -> str:
-    """``top1`` / ``val_top1`` / ``metrics.val_top1`` → ``val_top1``; ``best_top1`` →
-    ``val_best_top1``. Names already starting with ``val_``, ``train_`` or ``mech/`` (a method's
-    mechanism scores) are kept."""
-    name = metric.strip().removeprefix("metrics.")
-    if not name:
+    """``top1`` / ``val_top1`` / ``metrics.val_top1`` / ``val/top1`` → ``val/top1``;
+    ``best_top1`` → ``val/best_top1``; ``train_loss`` → ``train/loss``. Names with a ``/``
+    (``mech/…``, a method's ``dsts/…``) are kept (:func:`finegrain.platform.keys.metric_key`)."""
+    key = metric_keys.metric_key(metric)
+    if not key:
         raise CompareError("metric: empty name; e.g. top1, top5, mean_class_acc, best_top1")
-    return name if name.startswith(("val_", "train_", "mech/")) else f"val_{name}"
+    return key
+
+
+def _with_legacy(runs: pd.DataFrame, key: str) -> pd.DataFrame:
+    """``runs`` with the column of ``key`` filled, for runs logged before the grouped keys,
+    from its old name (an accuracy then a fraction: converted to %)."""
+    old = metric_keys.legacy_name(key)
+    column, old_column = f"metrics.{key}", f"metrics.{old}"
+    if old is None or old_column not in runs.columns:
+        return runs
+    values = runs[old_column].astype(float) * (100.0 if metric_keys.is_accuracy(key) else 1.0)
+    runs = runs.copy()
+    runs[column] = runs[column].fillna(values) if column in runs.columns else values
+    return runs
 
 
 @contextmanager
@@ -156,6 +173,7 @@ def compare(
     if PARENT_TAG in runs.columns:  # sweep parents summarise their trials: not a seed
         runs = runs[~runs["run_id"].isin(set(runs[PARENT_TAG].dropna()))]
 
+    runs = _with_legacy(runs, key)
     column = f"metrics.{key}"
     if column not in runs.columns:
         have = sorted(c[8:] for c in runs.columns if c.startswith("metrics."))
@@ -241,37 +259,43 @@ def with_intervals(df: pd.DataFrame, baseline: int | None = 0) -> pd.DataFrame:
     """``df`` (from :func:`compare`) with a 95 % interval per row and, against row
     ``baseline``, a paired test (:mod:`finegrain.platform.stats`).
 
-    For ``val_top1`` the rows are each run's per-video correctness (``eval/per_video.csv``):
+    For ``val/top1`` the rows are each run's per-video correctness (``eval/per_video.csv``):
     the interval is a two-way bootstrap over seeds and videos, the test a sign-flip permutation
     test paired by seed and video. Other metrics, or runs without the file: the interval is a
     bootstrap over the runs' values and there is no test. Adds ``ci_lo``, ``ci_hi``, ``videos``,
-    ``delta``, ``p``, ``significant``, and ``df.attrs["baseline"]`` (the row's label).
+    ``delta``, ``p``, ``significant``, and ``df.attrs["baseline"]`` (the row's label); for an
+    accuracy, ``ci_lo``, ``ci_hi`` and ``delta`` are in %, like the metric.
     """
     from finegrain.platform.stats import Correctness, bootstrap_ci, paired_test
 
     df = df.copy()
     uri = df.attrs.get("uri")
+    metric = df.attrs.get("metric", "")
+    # statistics on fractions (per-video correctness is 0/1), reported like the metric: in %
+    scale = 100.0 if is_accuracy(metric) else 1.0
     rows: list[Correctness] = []
     for _, row in df.iterrows():
         per_run = None
-        if df.attrs.get("metric") == "val_top1" and uri:
+        if metric == metric_keys.TOP1 and uri:
             found = [per_video_correctness(uri, r) for r in row["run_ids"]]
             if found and all(f is not None for f in found):
                 per_run = dict(zip(_unique(row["run_seeds"]), found, strict=True))
         rows.append(
             Correctness.from_runs(per_run)
             if per_run
-            else Correctness.from_accuracies(dict(zip(_unique(row["run_seeds"]), row["scores"])))
+            else Correctness.from_accuracies(
+                dict(zip(_unique(row["run_seeds"]), [x / scale for x in row["scores"]]))
+            )
         )
     intervals = [bootstrap_ci(c) for c in rows]
-    df["ci_lo"] = [lo for lo, _ in intervals]
-    df["ci_hi"] = [hi for _, hi in intervals]
+    df["ci_lo"] = [lo * scale for lo, _ in intervals]
+    df["ci_hi"] = [hi * scale for _, hi in intervals]
     df["videos"] = [len(c.videos) for c in rows]
     tests = [
         paired_test(c, rows[baseline]) if baseline is not None and i != baseline else None
         for i, c in enumerate(rows)
     ]
-    df["delta"] = [t.difference if t else math.nan for t in tests]
+    df["delta"] = [t.difference * scale if t else math.nan for t in tests]
     df["p"] = [t.p_value if t else math.nan for t in tests]
     df["significant"] = [bool(t and t.significant) for t in tests]
     labels = _group_labels(df)
@@ -311,7 +335,8 @@ def _unique(seeds: Sequence[str]) -> list[str]:
 
 
 def interval_cell(row, percent: bool = True) -> str:
-    """``[lo, hi]`` of a row from :func:`with_intervals`."""
+    """``[lo, hi]`` of a row from :func:`with_intervals` (``percent``: an accuracy, already
+    in %: one decimal)."""
     if math.isnan(row.get("ci_lo", math.nan)):
         return "—"
     return f"[{_fmt(row['ci_lo'], percent)}, {_fmt(row['ci_hi'], percent)}]"
@@ -350,13 +375,15 @@ def intervals_caption(df: pd.DataFrame) -> str:
 
 
 def is_accuracy(metric: str) -> bool:
-    return "top" in metric or "acc" in metric
+    """An accuracy, logged in % (:func:`finegrain.platform.keys.is_accuracy`)."""
+    return metric_keys.is_accuracy(metric)
 
 
 def _fmt(value: float, percent: bool) -> str:
+    """A value as the tables print it: an accuracy (already in %) to one decimal."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{100 * value:.1f}" if percent else f"{value:.4f}"
+    return f"{value:.1f}" if percent else f"{value:.4f}"
 
 
 def _cell(text) -> str:
@@ -414,9 +441,9 @@ METRIC_WORDS = {
 def _chart_title(df: pd.DataFrame, labels: Sequence[str]) -> str:
     """``attrs['title']`` (or the suite, or the experiments) and the metric in words."""
     metric = df.attrs.get("metric", "value")
-    name = metric.removeprefix("val_").removeprefix("train_")
+    name = metric.removeprefix("val/").removeprefix("train/")
     what = METRIC_WORDS.get(name, name.replace("_", " "))
-    split = "Validation" if metric.startswith("val_") else "Training" if metric != name else ""
+    split = "Validation" if metric.startswith("val/") else "Training" if metric != name else ""
     what = f"{split} {what}".strip()
     head = df.attrs.get("title") or (
         f"Ablation {df.attrs['suite']}" if df.attrs.get("suite") else None
@@ -438,8 +465,7 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
     from matplotlib.transforms import blended_transform_factory
 
     metric = df.attrs.get("metric", "value")
-    percent = is_accuracy(metric)
-    scale = 100.0 if percent else 1.0
+    percent = is_accuracy(metric)  # values already in %; ``chance`` is a fraction (1 / classes)
     chance = chance if chance is not None else df.attrs.get("chance")
     chance = chance if percent else None  # a chance level is an accuracy
     group_labels = _group_labels(df)
@@ -448,14 +474,14 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
     column = max(0.95, longest_word * CHART_CHAR_IN + 0.15)  # inches per bar
     chars = int(column / CHART_CHAR_IN)
     ticks = [textwrap.fill(n, chars, break_long_words=False, break_on_hyphens=False) for n in names]
-    mean = df["mean"].to_numpy(float) * scale
-    std = df["std"].to_numpy(float) * scale  # NaN (one run): no error bar
-    best = df["best"].to_numpy(float) * scale
+    mean = df["mean"].to_numpy(float)
+    std = df["std"].to_numpy(float)  # NaN (one run): no error bar
+    best = df["best"].to_numpy(float)
     x = list(range(len(df)))
     width = max(6.0, 1.4 + column * len(df))
     fig, ax = plt.subplots(figsize=(width, 4.2), dpi=CHART_DPI, layout="constrained")
     if "ci_lo" in df and df["ci_lo"].notna().any():  # the 95 % interval of with_intervals
-        lo, hi = df["ci_lo"].to_numpy(float) * scale, df["ci_hi"].to_numpy(float) * scale
+        lo, hi = df["ci_lo"].to_numpy(float), df["ci_hi"].to_numpy(float)
         err = np.nan_to_num(np.stack([mean - lo, hi - mean]), nan=0.0)
         upper, bars = hi, "mean over seeds, 95 % CI"
         stars = df["significant"].to_numpy(bool)
@@ -489,7 +515,7 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
             )
     if chance is not None:
-        level = float(chance) * scale
+        level = 100.0 * float(chance)
         ax.axhline(level, color="0.25", linestyle="--", linewidth=1.2, label="chance")
         ax.text(
             1.01,
@@ -537,10 +563,10 @@ def bar_figure(df: pd.DataFrame, chance: float | None = None):
 
 
 def bar_chart(df: pd.DataFrame, path: str | os.PathLike, chance: float | None = None) -> Path:
-    """Bars of the mean over seeds with ± std error bars, the best run as a dot, values in %
-    (accuracies: axis 0–100 %) and, with ``chance`` (default ``df.attrs["chance"]``, e.g.
-    1 / number of classes), a dashed chance line; titled from ``df.attrs`` (``title``,
-    ``suite`` or ``experiments``)."""
+    """Bars of the mean over seeds with ± std error bars, the best run as a dot (accuracies,
+    logged in %: axis 0–100 %) and, with ``chance`` (default ``df.attrs["chance"]``, a
+    fraction, e.g. 1 / number of classes), a dashed chance line; titled from ``df.attrs``
+    (``title``, ``suite`` or ``experiments``)."""
     import matplotlib.pyplot as plt
 
     fig = bar_figure(df, chance)

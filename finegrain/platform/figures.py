@@ -51,10 +51,12 @@ def close_all() -> None:
 
 
 def per_class_csv(names: Sequence[str], per_class) -> str:
+    """``eval/per_class_accuracy.csv``: each class's accuracy (``per_class``, fractions) in %,
+    like every logged accuracy."""
     buf = io.StringIO()
-    buf.write("index,class,accuracy\n")
+    buf.write("index,class,accuracy_pct\n")
     for i, (n, a) in enumerate(zip(names, np.asarray(per_class, dtype=float))):
-        buf.write(f'{i},"{n}",{a:.4f}\n')
+        buf.write(f'{i},"{n}",{100 * a:.2f}\n')
     return buf.getvalue()
 
 

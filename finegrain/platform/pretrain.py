@@ -55,7 +55,7 @@ def pretrain(
         "path": str(out.relative_to(root)) if out.is_relative_to(root) else str(out),
         "sha256": sha,
         "epoch": int(state["epoch"]) + 1,
-        "val_top1": float(state["best_top1"]),
+        "val/top1": 100 * float(state["best_top1"]),  # the best epoch's, in % (a fraction there)
         "classes": cfg.data.synthetic.classes,
         "mlflow_run": result.run_id,
         "config": cfg.model_dump(mode="json"),

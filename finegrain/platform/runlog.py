@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import ray
 import torch.distributed as dist
 
-from finegrain.platform import tracking
+from finegrain.platform import keys, tracking
 from finegrain.platform.data import bad_video_note
 from finegrain.platform.metrics import PER_VIDEO_FILE, per_video_csv
 from finegrain.platform.worker import say
@@ -38,30 +38,31 @@ class RunLog:
 
     def record_run_facts(self) -> None:
         """Tag the run with each rank's Ray node id (``worker_nodes``, in rank order) and its
-        ``total_epochs`` (what a sweep compares a stopped trial's progress with)."""
+        ``total_epochs`` (what a sweep compares a stopped trial's progress with; a tag, as
+        it is constant over the run)."""
         w = self.worker
         nodes: list[str | None] = [None] * w.world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         if w.rank == 0:
             total = self.stages.total_epochs
-            self.logger.tags({"worker_nodes": ",".join(nodes), "total_epochs": total})
+            self.logger.tags({"worker_nodes": ",".join(nodes), keys.TOTAL_EPOCHS: total})
 
     def log_epoch(self, epoch, metrics, val, extra, run_start, is_best) -> None:
         total = self.stages.total_epochs
         done = epoch + 1 - self.progress.start_epoch
         per_epoch = (time.perf_counter() - run_start) / done
         eta = per_epoch * (total - epoch - 1)
-        stage = self.stages[metrics["stage"]].name
+        stage = self.stages[metrics["train/stage"]].name
         say(
             f"[{self.config['run_name']}] epoch {epoch + 1}/{total} ({stage}) "
-            f"loss {metrics['train_loss']:.3f} val top1 {100 * val['top1']:.1f}% "
-            f"top5 {100 * val['top5']:.1f}% {metrics['train_clips_per_s']:.1f} clips/s "
+            f"loss {metrics['train/loss']:.3f} val top1 {metrics[keys.TOP1]:.1f}% "
+            f"top5 {metrics['val/top5']:.1f}% {metrics['train/clips_per_s']:.1f} clips/s "
             f"ETA {eta:.0f}s"
         )
         # the step, and values constant over a run: tags, not flat-line charts
-        constant = ("epoch", "total_epochs", "val_videos")
-        self.logger.metrics({k: v for k, v in metrics.items() if k not in constant}, step=epoch + 1)
-        self.logger.tags({"val_videos": int(metrics["val_videos"])})
+        logged = {k: v for k, v in metrics.items() if k not in keys.CONSTANT}
+        self.logger.metrics(logged, step=epoch + 1)
+        self.logger.tags({keys.VIDEOS: int(metrics[keys.VIDEOS])})
         self.log_bad_videos(epoch + 1)
         # every epoch (overwritten): the last one's is what the suite tables pair rows on
         self.logger.text(per_video_csv(val["per_video"]), f"eval/{PER_VIDEO_FILE}")
@@ -73,7 +74,7 @@ class RunLog:
         """The videos skipped so far, logged as they appear (a run stopped later keeps them)."""
         bad = ray.get(self.worker.bad_log.summary.remote())
         if bad["count"] > self.bad_logged:
-            self.logger.metrics({"bad_videos": bad["count"]}, step=step)
+            self.logger.metrics({"sys/bad_videos": bad["count"]}, step=step)
             self.logger.text(bad_video_note(bad) + "\n", "bad_videos.txt")
             self.bad_logged = bad["count"]
 

@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 from finegrain.platform import paths, tracking
 from finegrain.platform.config import ExperimentConfig
+from finegrain.platform.keys import TOP1, TOTAL_EPOCHS, legacy_name
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -126,8 +127,15 @@ def close_ended_run(uri: str, run, error: Any = None) -> str | None:
     if error is not None:
         tracking.close_run(uri, run_id, "FAILED", error=error)
         return "FAILED"
-    total = run.data.tags.get("total_epochs")
-    done = max((m.step for m in client.get_metric_history(run_id, "val_top1")), default=0)
+    total = run.data.tags.get(TOTAL_EPOCHS)
+    done = max(  # (a run of a sweep resumed across the rename logged val_top1)
+        (
+            m.step
+            for key in (TOP1, legacy_name(TOP1))
+            for m in client.get_metric_history(run_id, key)
+        ),
+        default=0,
+    )
     if total is not None and done >= int(total):
         tracking.close_run(uri, run_id, "FINISHED")
         return "FINISHED"

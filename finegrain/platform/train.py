@@ -56,7 +56,7 @@ from finegrain.models.base import (
     FineGrainModel,
     MetaContext,
 )
-from finegrain.platform import cluster, paths, tracking
+from finegrain.platform import cluster, keys, paths, tracking
 from finegrain.platform.checkpoints import CHECKPOINT_FILE as CHECKPOINT_FILE
 from finegrain.platform.checkpoints import Checkpoints
 from finegrain.platform.config import ExperimentConfig
@@ -402,11 +402,15 @@ class Trainer:
             stages.hook_scheduler.step()
         elapsed = time.perf_counter() - start
         out = {
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_clips_per_s": clips_seen * w.world / max(elapsed, 1e-9),
-            "lr": lr,
+            "train/loss": float(np.mean(losses)) if losses else float("nan"),
+            "train/clips_per_s": clips_seen * w.world / max(elapsed, 1e-9),
+            "train/lr": lr,
         }
-        out.update({f"train_{k}": float(np.mean(v)) for k, v in extra_stats.items()})
+        # the method's own statistics under its name: DSTS's udl/train_loss → dsts/udl_train_loss
+        method = cfg.model.method
+        out.update(
+            {f"{method}/{k.replace('/', '_')}": float(np.mean(v)) for k, v in extra_stats.items()}
+        )
         return out
 
     def rank_drift(self) -> float:
@@ -457,12 +461,18 @@ class Evaluator:
         logits, labels, ids, diagnostics, sample = [], [], [], None, None
         branches: dict[str, list] = {}
         every: list[dict] | None = [] if self.spec.mechanisms else None
+        evidence: list[dict | None] = []  # each batch's ground truth, aligned with ``every``
         for clips, y, batch in self.streams.val_batches(epoch):
             with self.autocast:  # U2S's oracle variant selects masks by the true class
                 output = self.model(clips, labels=y) if self.needs_labels else self.model(clips)
             logits.append(output.logits.float().cpu())
             if every is not None:
-                every.append(_to_cpu(output.diagnostics))
+                truth = self.batch_evidence(batch)
+                if not evidence and self.spec.mechanisms_need_evidence and not _has_boxes(truth):
+                    every = None  # a dataset without evidence (real data): nothing to score
+                else:
+                    every.append(_to_cpu(output.diagnostics))
+                    evidence.append(truth)
             for name, z in self.model.branch_logits(output).items():
                 branches.setdefault(name, []).append(z.float().cpu())
             labels.append(y.cpu())
@@ -481,6 +491,7 @@ class Evaluator:
             ids,
             {name: torch.cat(z) for name, z in branches.items()},
             every,
+            evidence,
         )
         parts = [local]
         if dist.is_available() and dist.is_initialized() and world > 1:
@@ -504,15 +515,28 @@ class Evaluator:
         result.update(branch_top1)
         # each video's prediction: what tables pair rows on (finegrain.platform.stats)
         result["per_video"] = per_video_rows(video_ids, video_labels, probs.argmax(1))
-        if every is not None:  # the method's mechanism scores, on every view of every video
+        # the method's mechanism scores, on every view of every video (every rank collected)
+        if all(p[4] is not None for p in parts) and self.spec.mechanisms:
+            truth = [e for p in parts for e in p[5]]  # aligned with the diagnostics
             result["mechanisms"] = self.spec.score_mechanisms(
                 [d for p in parts for d in p[4]],
                 all_labels,
                 all_logits.argmax(1),
                 list(config["classes"]),
                 config["class_groups"] or {},
+                evidence=truth if any(e is not None for e in truth) else None,
             )
         return result, {"diagnostics": diagnostics, "sample": sample}
+
+    @staticmethod
+    def batch_evidence(batch: dict) -> dict | None:
+        """The batch's ground truth (``batch["evidence"]``: ``"part"``, ``"object"`` boxes and
+        ``"visible"`` frames, see :mod:`finegrain.models.spec`) on the CPU, or None where the
+        batch has none (old shards, real datasets without evidence)."""
+        truth = batch.get("evidence") if isinstance(batch, dict) else None
+        if not isinstance(truth, dict):
+            return None
+        return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in truth.items()}
 
     def check_complete(self, ids: list[str]) -> None:
         """Every validation view of every decodable video, each exactly once across the ranks."""
@@ -597,25 +621,36 @@ class _Loop:
             plain = self.evaluator.evaluate(epoch)[0] if measure else None
             self.evaluator.recalibrate_bn(epoch)
             val, extra = self.evaluator.evaluate(epoch)
-            if plain is not None:
-                train["val_top1_without_precise_bn"] = plain["top1"]
-            top1 = val["top1"]
+            top1 = val["top1"]  # a fraction here (and in checkpoints); reported in %
             is_best = top1 > progress.best_top1
             progress.best_top1 = max(progress.best_top1, top1)
+            scores = keys.val_metrics(val)  # val/..., accuracies in %
+            if plain is not None:
+                scores["val/top1_without_precise_bn"] = 100 * plain["top1"]
             metrics = {  # first the four that Tune's trial table shows
-                "epoch": epoch + 1,
-                "val_top1": top1,
-                "val_best_top1": progress.best_top1,
+                keys.EPOCH: epoch + 1,
+                keys.TOP1: scores.pop(keys.TOP1),
+                keys.BEST_TOP1: 100 * progress.best_top1,
                 **train,
-                "stage": index,
-                **{f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)},
+                "train/stage": index,
+                **scores,
                 **{f"mech/{k}": v for k, v in val.get("mechanisms", {}).items()},
-                "rank_param_drift": self.trainer.rank_drift(),
-                "total_epochs": total,  # for Tune's searcher: stopped early or not
+                "sys/rank_param_drift": self.trainer.rank_drift(),
+                keys.TOTAL_EPOCHS: total,  # for Tune's searcher: stopped early or not
             }
             if self.worker.rank == 0:
                 self.log.log_epoch(epoch, metrics, val, extra, run_start, is_best)
             self.checkpoints.save(epoch, metrics, is_best)
+
+
+def _has_boxes(truth: dict | None) -> bool:
+    """Whether a batch's evidence holds any box (a dataset has evidence for all or none)."""
+    if not truth:
+        return False
+    return any(
+        torch.is_tensor(truth.get(k)) and bool(torch.isfinite(truth[k]).any())
+        for k in ("part", "object")
+    )
 
 
 def _to_cpu(diagnostics: dict) -> dict:
@@ -640,9 +675,9 @@ def evaluate_loop_per_worker(config: dict[str, Any]) -> None:
     streams.stream = EpochBatches(ds, size, eval_batch_size=size)
     streams.keep_val = False
     val, _ = loop.evaluator.evaluate(0)
-    metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, int | float)}
+    metrics = keys.val_metrics(val)  # the training loop's names: val/top1 (%), ...
     metrics |= {f"mech/{k}": v for k, v in val.get("mechanisms", {}).items()}
-    metrics["epoch"] = int(state.get("epoch", -1)) + 1
+    metrics[keys.EPOCH] = int(state.get("epoch", -1)) + 1
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None  # Train V2 keeps a run's final metrics only with a checkpoint
         if w.rank == 0:
@@ -661,7 +696,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """``checkpoint``'s weights (a training checkpoint or a weights file) evaluated on every
     validation view by the training loop's own evaluation, on ``workers`` Ray Train workers
-    (default ``cfg.scaling.workers``). Returns ``{"val_top1": ..., "epoch": ...,
+    (default ``cfg.scaling.workers``). Returns ``{"val/top1": ... (%), "epoch": ...,
     "per_video": the CSV of each video's prediction}``."""
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
 

@@ -33,6 +33,7 @@ import yaml
 from finegrain.models import BASELINE, method_spec
 from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ConfigError, ExperimentConfig, apply_params, plain, validate
+from finegrain.platform.keys import BEST_TOP1, TOP1, TOTAL_EPOCHS
 from finegrain.platform.sweeps import (
     SweepInterrupted,
     TrialRuns,
@@ -146,13 +147,19 @@ def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[st
     return space
 
 
+# the results table's column of each trial's val/top1 at its last epoch, and the sweep parent's
+# metric of the one-pass baseline's best val/top1 (both in %)
+LAST_TOP1 = "val/top1_last"
+BASELINE_BEST_TOP1 = "val/baseline_best_top1"
+
+
 @dataclass
 class SweepResult:
     name: str
     parent_run_id: str
     best_params: dict[str, Any]
-    best_top1: float
-    baseline_top1: float | None
+    best_top1: float  # val/best_top1 of the best trial, in %
+    baseline_top1: float | None  # the one-pass baseline's, in %
     tracking_uri: str
     table: Any  # pandas.DataFrame
 
@@ -190,7 +197,7 @@ def _optuna_search_class():
                 result is not None
                 and not error
                 and trial_id not in self._completed_trials
-                and result.get("epoch", 0) < result.get("total_epochs", 0)
+                and result.get("epoch", 0) < result.get(TOTAL_EPOCHS, 0)
             )
             if not stopped:
                 return super().on_trial_complete(trial_id, result, error)
@@ -208,7 +215,7 @@ def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _optuna_search_class()(
         space=DefineByRun(space),
-        metric="val_top1",
+        metric=TOP1,
         mode="max",
         study_name=name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{storage_path}"),
@@ -284,7 +291,7 @@ def run_sweep(
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    metric="val_top1",
+                    metric=TOP1,
                     mode="max",
                     search_alg=searcher,
                     scheduler=scheduler,
@@ -310,14 +317,14 @@ def run_sweep(
         close_stopped_children(uri, parent)
         cluster.wait_released()
         table = _with_unreported(_results_table(results), uri, parent, name)
-        if table["val_best_top1"].isna().all():
+        if table[BEST_TOP1].isna().all():
             raise RuntimeError(
                 "no trial finished an epoch: raise --time-budget or make trials cheaper "
                 f"(the sweep is in {sweep_dir}; --resume {name} continues it)"
             )
-        best = results.get_best_result(metric="val_best_top1", mode="max")
+        best = results.get_best_result(metric=BEST_TOP1, mode="max")
         best_params = {k: plain(v) for k, v in best.config.items()}
-        best_top1 = float(best.metrics.get("val_best_top1", float("nan")))
+        best_top1 = float(best.metrics.get(BEST_TOP1, float("nan")))  # %
         baseline_top1 = _baseline(base, uri, parent, name) if baseline else None
         _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir)
         tracking.close_run(uri, parent, "FINISHED")
@@ -369,16 +376,16 @@ def _results_table(results):
     import pandas as pd
 
     df = results.get_dataframe()  # each trial's last report: its best so far, epochs done
-    if "val_best_top1" not in df.columns:  # no trial finished an epoch (time budget too small)
-        df["val_best_top1"] = pd.NA
+    if BEST_TOP1 not in df.columns:  # no trial finished an epoch (time budget too small)
+        df[BEST_TOP1] = pd.NA
     keep = [c for c in df.columns if c.startswith("config/")]
-    keep += [c for c in ("val_best_top1", "val_top1", "epoch", "trial_id") if c in df.columns]
+    keep += [c for c in (BEST_TOP1, TOP1, "epoch", "trial_id") if c in df.columns]
     df = (
         df[keep]
         .rename(columns=lambda c: c.removeprefix("config/"))
-        .rename(columns={"val_top1": "val_top1_last", "epoch": "epochs"})
+        .rename(columns={TOP1: LAST_TOP1, "epoch": "epochs"})
     )
-    return df.sort_values("val_best_top1", ascending=False).reset_index(drop=True)
+    return df.sort_values(BEST_TOP1, ascending=False).reset_index(drop=True)
 
 
 def _with_unreported(df, uri: str, parent: str, sweep: str):
@@ -401,7 +408,7 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
         trial_id = (run.info.run_name or "").removeprefix(f"{sweep}-")
         if trial_id in known or "baseline" in trial_id:
             continue
-        history = client.get_metric_history(run.info.run_id, "val_top1")
+        history = client.get_metric_history(run.info.run_id, TOP1)
         if not history:
             continue  # no epoch finished: nothing to compare
         history = sorted(history, key=lambda m: m.step)
@@ -409,8 +416,8 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
         rows.append(
             config
             | {
-                "val_best_top1": max(m.value for m in history),
-                "val_top1_last": history[-1].value,
+                BEST_TOP1: max(m.value for m in history),
+                LAST_TOP1: history[-1].value,
                 "epochs": history[-1].step,
                 "trial_id": trial_id,
             }
@@ -419,7 +426,7 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
         return df
     print(f"{len(rows)} trial(s) stopped as they reported: their epochs come from MLflow")
     df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
-    return df.sort_values("val_best_top1", ascending=False).reset_index(drop=True)
+    return df.sort_values(BEST_TOP1, ascending=False).reset_index(drop=True)
 
 
 def _param(text: str | None):
@@ -448,7 +455,7 @@ def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float
     cfg.tracking.parent_run_id = parent
     print(f"training the {method_spec(BASELINE).title} on the same data ...", flush=True)
     result = run_experiment(cfg, quiet=True)
-    return float(result.metrics.get("val_best_top1", float("nan")))
+    return float(result.metrics.get(BEST_TOP1, float("nan")))
 
 
 def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir) -> None:
@@ -457,14 +464,16 @@ def _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1,
     logger.text(table.to_csv(index=False), "results.csv")
     logger.text(table.to_string(index=False), "results.txt")
     # the run page's description (MLflow's note): the results, best first
-    best_first = table.sort_values("val_best_top1", ascending=False, na_position="last")
-    note = f"**Sweep `{sweep_dir.name}`**: best val top-1 {100 * best_top1:.1f} %"
+    best_first = table.sort_values(BEST_TOP1, ascending=False, na_position="last")
+    note = f"**Sweep `{sweep_dir.name}`**: best val top-1 {best_top1:.1f} %"
     if baseline_top1 is not None:
-        note += f" (one-pass baseline {100 * baseline_top1:.1f} %)"
+        note += f" (one-pass baseline {baseline_top1:.1f} %)"
+    note += "; accuracies in %"
     logger.tags({"mlflow.note.content": note + "\n\n" + _markdown(best_first)})
-    metrics = {"best_val_top1": best_top1}
+    # the parent's row in the runs table: the best trial's val/best_top1 (and the baseline's)
+    metrics = {BEST_TOP1: best_top1}
     if baseline_top1 is not None:
-        metrics["baseline_val_top1"] = baseline_top1
+        metrics[BASELINE_BEST_TOP1] = baseline_top1
     logger.metrics(metrics, step=0)
     for fig_name, fig in sweep_figures(sweep_dir / "optuna.db", sweep_dir.name).items():
         logger.figure(fig, f"{fig_name}.png")

@@ -29,6 +29,7 @@ def score(
     preds: Tensor,
     class_names: list[str],
     class_groups: dict,
+    evidence: list[dict | None] | None = None,
 ) -> dict[str, float]:
     """The mechanism scores above (see :mod:`finegrain.models.spec` for the signature)."""
     if not diagnostics or not all("chosen_class" in d for d in diagnostics):

@@ -39,4 +39,6 @@ SPEC = MethodSpec(
         ),
     ),
     figures="finegrain.models.dfb.figures:draw",
+    mechanisms="finegrain.models.dfb.mechanisms:score",
+    mechanisms_need_evidence=True,
 )

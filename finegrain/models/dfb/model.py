@@ -134,7 +134,8 @@ class DFB(FineGrainModel):
         Returns ``max_response_thw`` ``(B, K, 3)`` feature-map coordinates, ``max_response_filter``
         ``(B, K)`` (which of the class's N filters), ``max_response_value`` ``(B, K)`` and
         ``feature_stride`` ``(3,)``: input frames/pixels per feature cell along (T, H, W), so
-        pixel box = [coord·stride, (coord + 1)·stride).
+        pixel box = [coord·stride, (coord + 1)·stride); ``input_size`` ``(3,)``: the input
+        clip's (T, H, W) (the mechanism score maps the cells onto the evidence boxes with it).
         """
         b, _, t, h, w = responses.shape
         k, n = self.num_classes, self.filters_per_class
@@ -147,6 +148,7 @@ class DFB(FineGrainModel):
             "max_response_filter": filt,
             "max_response_value": value,
             "feature_stride": stride,
+            "input_size": torch.tensor([float(s) for s in input_size]),
         }
 
     def branch_logits(self, output: ModelOutput) -> dict[str, Tensor]:

@@ -37,6 +37,7 @@ def score(
     preds: Tensor,
     class_names: list[str],
     class_groups: dict,
+    evidence: list[dict | None] | None = None,
 ) -> dict[str, float]:
     """The mechanism scores above (see :mod:`finegrain.models.spec` for the signature)."""
     layers = sorted(

@@ -62,4 +62,6 @@ SPEC = MethodSpec(
         ),
     ),
     figures="finegrain.models.joint_attn.figures:draw",
+    mechanisms="finegrain.models.joint_attn.mechanisms:score",
+    mechanisms_need_evidence=True,
 )

@@ -365,7 +365,10 @@ class JointAttn(FineGrainModel):
         return ModelOutput(
             logits=logits,
             aux_losses=aux,
-            diagnostics={"attention": attention.detach()},
+            diagnostics={  # attention (B, T, K, K): step t's weights over the K×K cells
+                "attention": attention.detach(),
+                "input_size": torch.tensor([float(s) for s in clips.shape[2:]]),
+            },
             extras=extras,
         )
 

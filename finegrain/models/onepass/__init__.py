@@ -1,4 +1,5 @@
-"""The one-pass baseline: its model, options, search space and pictures (none)."""
+"""The one-pass baseline: its model, options, search space, pictures (none) and the class
+activation map it is scored by (its "mechanism": the reference for the methods')."""
 
 from finegrain.models.heads import ClassifierHead
 from finegrain.models.onepass.model import OnePass, OnePassOptions, build
@@ -13,4 +14,6 @@ SPEC = MethodSpec(
     build=build,
     needs_stages=False,
     space={"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.7}},
+    mechanisms="finegrain.models.onepass.mechanisms:score",  # its CAM: the reference
+    mechanisms_need_evidence=True,
 )
