@@ -7,10 +7,13 @@
 
 Suites: dsts (Tables 3-7), u2s (Tables I-III), dfb (Table 1), classreg (on/off, gamma),
 joint_attn (early/late fusion, attention regularization), methods (every method vs one-pass),
-mechanisms (the methods suite with each paper's mechanism scored and a verdict), all. With no --config the base is the named config tune_synthetic (tiny backbone, 48 px,
-8 frames, 4 epochs); each suite sets model.method itself. Runs go to the MLflow experiment
-ablate-SUITE, named ablate-SUITE-VARIANT-sSEED: a rerun skips the finished ones. The table
-(mean +- std over seeds) is printed and written to RUN_DIR/ablate/SUITE/table.md with table.png.
+mechanisms (the methods suite with each paper's mechanism scored and a verdict), all.
+
+With no --config the base is the named config tune_synthetic (tiny backbone, 48 px, 8 frames,
+4 epochs); each suite sets model.method itself. Runs go to the MLflow experiment ablate-SUITE,
+named ablate-SUITE-VARIANT-sSEED: a rerun skips the finished ones. The table (mean +- std over
+seeds, a 95 % interval and a paired test against the first row) is printed and written to
+RUN_DIR/ablate/SUITE/table.md with table.png.
 A bad option exits with 2 before anything starts.
 """
 
