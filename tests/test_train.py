@@ -166,7 +166,8 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_erro
     """Epoch 1 completes and is checkpointed, then the run dies in epoch 2 (no retries): the
     run is FAILED with its error. Resumed under the same name it continues at epoch 2 with
     the optimizer, the schedule, the random state and epoch 2's clips of an uninterrupted
-    run of the same seed, so epoch 2 ends exactly as that run's does."""
+    run of the same seed, so epoch 2 ends exactly as that run's does. (It is also the test that
+    the same seed gives the same metrics: two processes, identical losses and accuracies.)"""
     cfg = tiny_config(
         run_dir, "run.name=resume", "optim.epochs=2", "run.fail_at_step=3", "run.max_failures=0"
     )
@@ -221,13 +222,6 @@ def test_fault_injection_recovers_with_max_failures(run_dir):
     result = run_experiment(cfg, quiet=True)
     assert result.metrics["epoch"] == 2
     assert (run_dir / "faulty" / "fault_injected_at_3").exists()
-
-
-def test_same_seed_twice_gives_identical_metrics(run_dir):
-    a = run_experiment(tiny_config(run_dir, "run.name=seed-a", "scaling.workers=1"), quiet=True)
-    b = run_experiment(tiny_config(run_dir, "run.name=seed-b", "scaling.workers=1"), quiet=True)
-    keys = ["train/loss", "val/top1", "val/top5", "val/mean_class_acc"]
-    assert {k: a.metrics[k] for k in keys} == {k: b.metrics[k] for k in keys}
 
 
 def test_bad_set_value_exits_2_naming_the_field_before_ray_starts():
