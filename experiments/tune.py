@@ -102,7 +102,7 @@ def main(argv=None, method: str | None = None) -> int:
 def report(result) -> None:
     from finegrain.platform.tracking import ui_hint
 
-    print(f"\nsweep {result.name}: {len(result.table)} trials")
+    print(f"\nsweep {result.name}: {result.accounting()}")
     print(result.table.head(10).to_string(index=False))
     print("\nbest configuration:")
     for k, v in result.best_params.items():

@@ -95,3 +95,55 @@ def test_train_starts_its_own_ray_despite_a_stale_cluster_pointer(tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "MLflow run id:" in done.stdout
+
+
+def test_a_runs_cleaner_finds_its_own_cluster_while_another_ray_runs():
+    """Ray Train's placement-group cleaner asks the State API, with no address, whether its
+    run's controller lives. With a second Ray on the machine (another finegrain command, the
+    other test worker) that lookup used to fail ("Found multiple active Ray instances"), the
+    cleaner's thread died and stopped trials' placement groups leaked. Every worker of a job
+    `cluster.connect` starts is pinned to its own cluster."""
+    import ray
+    from ray.train.v2._internal.state.util import is_actor_alive
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fgray-", dir="/tmp"))  # socket paths stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    other = subprocess.Popen(  # the other Ray: up until its stdin closes
+        [
+            sys.executable,
+            "-c",
+            "import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+            "print('up', flush=True); sys.stdin.read(); ray.shutdown()",
+        ],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.connect(num_cpus=1)
+
+        @ray.remote(num_cpus=0)
+        class Controller:
+            def ping(self) -> bool:
+                return True
+
+        @ray.remote(num_cpus=0)
+        def cleaner_sees(actor_id: str) -> bool:  # what the cleaner's monitor loop calls
+            return bool(is_actor_alive(actor_id, timeout=10))
+
+        controller = Controller.remote()
+        ray.get(controller.ping.remote())
+        alive = ray.get(cleaner_sees.remote(controller._actor_id.hex()))
+        ray.kill(controller)
+        gone = ray.get(cleaner_sees.remote(controller._actor_id.hex()))
+    finally:
+        ray.shutdown()
+        other.stdin.close()
+        other.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert alive and not gone

@@ -736,7 +736,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
     rc = third.wait(timeout=420)
     assert rc == 0, third.output[-4000:]
     assert "resuming sweep rs" in third.output
-    assert "sweep rs: 3 trials" in third.output, third.output[-4000:]
+    assert "sweep rs: 3 trials: 3 ran all their epochs" in third.output, third.output[-4000:]
     for run in before.values():  # neither trial 1 nor trial 2 was rerun
         assert f"[{run.info.run_name}] epoch" not in third.output
     assert_clean_console(third.output)
@@ -847,6 +847,34 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
     assert table["trial_id"].tolist() == ["aaa", "bbb"]  # ccc finished no epoch
     row = table.iloc[1]
     assert (row["model.neurons"], row["val/best_top1"], row["epochs"]) == (7, 20.0, 1)
+
+
+def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):
+    """Every trial is counted, including one the time budget stopped before its first epoch
+    (it has no row in the table); the baseline is not a trial."""
+    from mlflow.entities import Metric
+
+    from finegrain.platform.tune import SweepResult, _outcomes
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="sw").info.run_id
+    ended = {"a": ("FINISHED", 4), "b": ("KILLED", 1), "c": ("KILLED", 0), "d": ("FAILED", 0)}
+    ended |= {"e": ("FINISHED", 4), "baseline-onepass": ("FINISHED", 4)}
+    for trial, (status, epochs) in ended.items():
+        rid = client.create_run(
+            exp, run_name=f"sw-{trial}", tags={"mlflow.parentRunId": parent}
+        ).info.run_id
+        client.log_batch(rid, metrics=[Metric("val/top1", 9.0, 0, i + 1) for i in range(epochs)])
+        client.set_terminated(rid, status)
+    outcomes = _outcomes(uri, parent)
+    assert outcomes == {"finished": 2, "stopped": 1, "unstarted": 1, "failed": 1}
+    line = SweepResult("sw", parent, {}, 0.0, None, uri, None, outcomes).accounting()
+    assert line == (
+        "5 trials: 2 ran all their epochs, 1 stopped early (ASHA or the time budget), "
+        "1 stopped before their first epoch (the time budget), 1 failed"
+    )
 
 
 def test_a_failure_racing_a_sweeps_stop_does_not_turn_the_stop_into_failed(tmp_path):

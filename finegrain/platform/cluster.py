@@ -47,7 +47,7 @@ def connect(
     quiet_ray_logs()
     if ray.is_initialized():
         return
-    hook = "finegrain.platform.logs.quiet_worker_logs"  # run in every worker this job starts
+    hook = "finegrain.platform.logs.setup_worker"  # run in every worker this job starts
     # the script of this job, for the MLflow runs its trials open (their process is Ray's)
     from finegrain.platform.tracking import script_name
 

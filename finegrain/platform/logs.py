@@ -1,6 +1,7 @@
 """What reaches the console: our progress lines, Tune's trial table, and real warnings and errors.
 
-``quiet_worker_logs`` is the ``worker_process_setup_hook`` of a local Ray (``cluster.connect``)
+``quiet_worker_logs`` runs in every worker of a job ``cluster.connect`` starts (its
+``worker_process_setup_hook``, :func:`setup_worker`, which also pins the worker to its cluster)
 and is also called by our own processes (driver, Tune trial, training worker), so a cluster
 started elsewhere (``ray job submit``) gets the same. Ray imports it in *every* worker process
 it starts, so this module imports nothing but the standard library: a hook that imported torch
@@ -61,6 +62,34 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
+
+
+def setup_worker() -> None:
+    """The ``worker_process_setup_hook`` of every job ``cluster.connect`` starts: pin the
+    worker to its own cluster, then :func:`quiet_worker_logs`."""
+    pin_cluster_address()
+    quiet_worker_logs()
+
+
+def pin_cluster_address() -> None:
+    """Set ``RAY_ADDRESS`` in this Ray worker process to the GCS of the cluster it belongs to.
+
+    Ray Train's placement-group cleaner (an actor of every run) asks the State API whether the
+    run's controller is alive, through a client built with no address. Without ``RAY_ADDRESS``
+    that client finds the cluster by listing the machine's GCS processes: with two Ray instances
+    on one machine (two finegrain commands at once, the test suite's two workers) it raises
+    "Found multiple active Ray instances", which the cleaner does not catch — its thread dies
+    and the placement group of every trial stopped afterwards stays reserved (measured: a
+    time-budget sweep leaked its 1-CPU group while another local Ray ran). Pointing the process
+    at its own GCS makes the lookup exact whatever else runs. Only Ray workers: a driver keeps
+    its environment (a later ``connect`` in the same process must not follow a dead cluster).
+    """
+    import ray
+
+    worker = ray._private.worker.global_worker
+    if worker.mode != ray.WORKER_MODE:
+        return
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def quiet_ray_logs() -> None:
