@@ -147,3 +147,50 @@ def test_a_runs_cleaner_finds_its_own_cluster_while_another_ray_runs():
         other.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert alive and not gone
+
+
+def test_a_killed_executions_data_reservation_is_given_back_within_a_minute():
+    """A trial Tune stops is killed: its Ray Data executions cannot cancel their requests at
+    the job's AutoscalingCoordinator, whose share of the cluster then starved the next trial's
+    reads for up to 180 s. Under `cluster.connect` such a request lapses within a minute."""
+    import time
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.connect(num_cpus=2)
+    try:
+
+        @ray.remote(num_cpus=0)
+        class Reader:
+            def start(self) -> str:
+                import ray.data
+
+                def slow(batch):
+                    time.sleep(0.2)
+                    return batch
+
+                ds = ray.data.range(2000, override_num_blocks=200).map_batches(slow, num_cpus=0.25)
+                self.batches = iter(ds.iter_batches(batch_size=1))
+                next(self.batches)
+                return ds.get_dataset_id()  # the execution's id: its requester is data-<id>
+
+        reader = Reader.remote()
+        requester = "data-" + ray.get(reader.start.remote(), timeout=120)
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+
+        def reserved() -> dict:
+            return ray.get(coordinator.get_reserved_resources.remote(requester), timeout=30)
+
+        deadline = time.monotonic() + 30
+        while not reserved():  # the execution sends its first request as it starts
+            assert time.monotonic() < deadline, "the execution never asked the coordinator"
+            time.sleep(1)
+        ray.kill(reader)  # as Tune ends a stopped trial: nothing gets to cancel
+        killed = time.monotonic()
+        while reserved():
+            assert time.monotonic() - killed < 60, "a killed execution still holds its share"
+            time.sleep(2)
+    finally:
+        ray.shutdown()

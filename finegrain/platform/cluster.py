@@ -30,6 +30,17 @@ from finegrain.platform.config import ExperimentConfig
 
 TRIAL_CPUS = 0.25  # a Tune trial's actor only waits for its TorchTrainer
 
+# Ray Data's job-wide AutoscalingCoordinator shares the cluster between the job's executions:
+# each execution re-sends its request every 10 s and cancels it when it shuts down. A trial
+# that Tune stops (ASHA, the time budget) is killed, its executions cannot cancel, and their
+# requests hold their share until they expire — 180 s by default. Meanwhile the next trial's
+# execution is given only what it asked for, less than the CPUs Ray Train excludes for its
+# workers: its read operator is starved ("Cluster resources are not enough to run any task
+# from …[MapBatches(read_planned)]. The job may hang forever", seen in `make demo` a minute into
+# the trial after an ASHA stop). 30 s (three of the live executions' refresh intervals) frees a
+# killed trial's share before that warning's 60 s, without letting a live request lapse.
+DATA_REQUEST_EXPIRY = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+
 
 class ClusterTooSmall(ValueError):
     """One run needs more than the whole cluster offers."""
@@ -53,6 +64,8 @@ def connect(
 
     source = script_name(sys.argv[0] if sys.argv else "")
     env_vars = {"FINEGRAIN_SOURCE": source}
+    for key, value in DATA_REQUEST_EXPIRY.items():  # a user's own setting wins
+        env_vars[key] = os.environ.setdefault(key, value)
     if os.environ.get("FINEGRAIN_METHODS"):  # methods registered at run time (models.register)
         env_vars["FINEGRAIN_METHODS"] = os.environ["FINEGRAIN_METHODS"]
     env = {"worker_process_setup_hook": hook, "env_vars": env_vars}
