@@ -766,7 +766,8 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     trial's actor): the trial's MLflow run is KILLED as stopped early with the bad video it met
     already counted, and within seconds of the sweep's end every CPU of the cluster is free
     again (Ray Train's cleaner, served by the dashboard's State API, removed the placement
-    group the dead controller held)."""
+    group the dead controller held), and the coordinator Ray Data shares the cluster through
+    holds nothing for the dead controllers."""
     import pyarrow.parquet as pq
     import ray
 
@@ -804,11 +805,18 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
             for k in ("CPU", "GPU")
         }
         live = cluster.live_placement_groups()
+        client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+        runs = child_runs(client, result.parent_run_id)
+        # nor does Ray Data's resource coordinator hold the dead controllers' requests (which
+        # would starve the next trial's reads for 180 s)
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        requests = [r.data.tags.get(cluster.TRAIN_REQUEST_TAG) for r in runs]
+        held = {q: ray.get(coordinator.get_reserved_resources.remote(q)) for q in requests if q}
     finally:
         ray.shutdown()
     assert leaked == {"CPU": 0, "GPU": 0} and not live, (leaked, live)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    runs = child_runs(client, result.parent_run_id)
+    assert all(q and q.startswith("train-") for q in requests), requests
+    assert not any(held.values()), held
     assert runs and all(r.info.status == "KILLED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs
     ]

@@ -937,6 +937,16 @@ class EpochBatches:
         while (batch := self._take(EVAL, epoch)) is not None:
             yield self._collate(batch)
 
+    def close(self) -> None:
+        """End the execution now (its decode actors, and its share of the cluster at Ray
+        Data's job-wide resource coordinator, which a run that ends before the iterator is
+        exhausted would otherwise hold until the request expires and starve the job's next
+        run's reads)."""
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+        self._exhausted = True
+
 
 def to_model_input(
     clips: torch.Tensor,

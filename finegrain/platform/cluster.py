@@ -229,6 +229,43 @@ def plan_concurrency(
     return n
 
 
+# Ray Train registers each run's workers with the same coordinator (a high-priority request,
+# re-sent every 20 s, cancelled when its controller shuts down, else held 180 s — a constant).
+# Tune kills the controller of a trial it stops, so on a 2-CPU machine the stopped trial's
+# 1 CPU and the next trial's 1 CPU take the whole node and the next trial's reads get nothing
+# for three minutes (measured: the request of a killed trial stayed, 180 s to expiry, while the
+# next trial's read operator starved > 60 s). The run tags its request's id; whoever closes the
+# run of a stopped trial cancels it (sweeps.close_ended_run), as the placement-group cleaner
+# removes its placement group.
+TRAIN_REQUEST_TAG = "ray_train_request"
+_COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # Ray Data's (name, namespace)
+
+
+def train_request_id() -> str | None:
+    """In a Ray Train worker: the id under which its run's controller asked the coordinator for
+    the workers' resources (``train-<run id>``, Ray Train V2's naming); else None."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return f"train-{get_train_context().train_run_context.run_id}"
+    except Exception:  # not in a Train V2 worker (or Train changed): nothing to tag
+        return None
+
+
+def cancel_train_request(request: str) -> None:
+    """Give back the coordinator's reservation for ``request`` (a stopped run's, whose killed
+    controller could not); a no-op when Ray is not connected or nothing is reserved."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        coordinator = ray.get_actor(_COORDINATOR[0], namespace=_COORDINATOR[1])
+    except ValueError:  # never created in this cluster: nothing reserved
+        return
+    ray.get(coordinator.cancel_request.remote(request), timeout=30)
+
+
 def watch_preemptions() -> None:
     """Ray Train's preemption watcher (an actor per worker group that polls for node drains)
     only where nodes get drained: on an autoscaling cluster (spot nodes, scale-down). On a fixed

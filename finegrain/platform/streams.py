@@ -86,6 +86,12 @@ class Streams:
         self.keep_val = self.spec.val_fits(w.cfg, w.world)
         self.val_epoch = epoch  # where the stream plans the validation views when kept
 
+    def close(self) -> None:
+        """End the run's data stream (see ``EpochBatches.close``)."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
     def epoch_batches(self, epoch: int):
         """This rank's training batches of ``epoch``, from the run's one data stream."""
         if self.stream is None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from finegrain.platform import paths, tracking
+from finegrain.platform import cluster, paths, tracking
 from finegrain.platform.config import ExperimentConfig
 from finegrain.platform.keys import TOP1, TOTAL_EPOCHS, legacy_name
 
@@ -122,6 +122,11 @@ def close_ended_run(uri: str, run, error: Any = None) -> str | None:
     else FINISHED if it logged its last epoch, KILLED and tagged ``early_stopped`` if not."""
     if run is None or run.info.status != "RUNNING":
         return None
+    if request := run.data.tags.get(cluster.TRAIN_REQUEST_TAG):  # its controller is gone
+        try:
+            cluster.cancel_train_request(request)
+        except Exception as e:  # it still expires on its own (180 s)
+            print(f"warning: could not cancel {request} at Ray's coordinator: {e}", flush=True)
     client = tracking.tracking_client(uri)
     run_id = run.info.run_id
     if error is not None:

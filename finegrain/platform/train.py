@@ -605,6 +605,12 @@ class _Loop:
             say(f"[{self.worker.config['run_name']}] resumed at epoch {start + 1}")
 
     def run(self) -> None:
+        try:
+            self.epochs()
+        finally:
+            self.streams.close()  # its executor gives its resources back now, not at expiry
+
+    def epochs(self) -> None:
         cfg, total, progress = self.worker.cfg, self.stages.total_epochs, self.progress
         self.log.record_run_facts()
         self.resume()
