@@ -356,18 +356,22 @@ def run_sweep(
     )
 
 
+def _children(client, parent: str) -> list:
+    """The child runs of the sweep's parent run (its trials' and the baseline's)."""
+    return client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+        max_results=10_000,
+    )
+
+
 def _outcomes(uri: str, parent: str) -> dict[str, int]:
     """How the trials of the sweep ended, from their MLflow runs (all closed by now; the
     baseline is not a trial): ``finished`` (FINISHED: every epoch), ``stopped`` (KILLED after at
     least one epoch), ``unstarted`` (KILLED before its first: only the time budget or an
     interrupt stops a trial that has not reported) and ``failed``."""
     client = tracking.tracking_client(uri)
-    parent_run = client.get_run(parent)
-    children = client.search_runs(
-        [parent_run.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-        max_results=10_000,
-    )
+    children = _children(client, parent)
     counts = dict.fromkeys(("finished", "stopped", "unstarted", "failed"), 0)
     for run in children:
         if "baseline" in (run.info.run_name or ""):
@@ -447,12 +451,7 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
     import pandas as pd
 
     client = tracking.tracking_client(uri)
-    parent_run = client.get_run(parent)
-    children = client.search_runs(
-        [parent_run.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-        max_results=10_000,
-    )
+    children = _children(client, parent)
     known = set(df["trial_id"]) if "trial_id" in df else set()
     rows = []
     for run in children:
