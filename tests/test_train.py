@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from finegrain.models import METHODS
 from finegrain.platform import cluster
 from finegrain.platform.config import load_config
 from finegrain.platform.metrics import read_per_video
+from finegrain.platform.tracking import ui_hint
 from finegrain.platform.train import (
     CHECKPOINT_FILE,
     evaluate_checkpoint,
@@ -127,7 +129,14 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert inp.dataset.name.startswith("synthetic-") and len(inp.dataset.digest) == 12
     assert '"train": 12' in inp.dataset.profile and '"val": 4' in inp.dataset.profile
     exp = client.get_experiment(run.info.experiment_id)
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # model training
+    # the printed links open the training view; the runs table shows the accuracy columns
+    hint = ui_hint(result.tracking_uri, result.run_id)
+    training_page = f"/#/experiments/{exp.experiment_id}/runs/{result.run_id}?workflowType="
+    assert training_page + "machine_learning" in hint and "viewStateShareKey=finegrain" in hint
+    view = json.loads(exp.tags["mlflow.sharedViewState.finegrain"])
+    assert {"metrics.`val/top1`", "metrics.`val/loss`"} <= set(view["selectedColumns"])
+    assert all(float(f"{v:.7g}") == v for v in run.data.metrics.values())  # no float32 noise
     assert exp.artifact_location.startswith("file:///")
     (run_dir / "elsewhere").mkdir()
     with MlflowUI(run_dir / "mlflow.db", run_dir / "elsewhere") as ui:  # the README's command

@@ -309,6 +309,12 @@ def run_suite(
             base.run.dir,
             tags={"suite": suite.name, "ablation": "summary", "method": suite.method},
         )
+        tracking.set_runs_view(  # the variant and what it changes as columns
+            uri,
+            tracking.tracking_client(uri).get_run(summary).info.experiment_id,
+            params=list(dict.fromkeys(k for v in chosen for k in v.overrides)),
+            tags=["variant"],
+        )
         failed: list[str] = []
         try:
             close_stopped_children(uri, summary)  # runs that ended while no driver watched

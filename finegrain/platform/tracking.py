@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -71,11 +72,19 @@ def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
 
 def ui_command(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
     """The command that opens the MLflow UI on ``uri``, bound to localhost (the README's), and
-    the page of the experiment or run it shows."""
+    the pages it shows: the run's, and the experiment's runs table in our :data:`RUNS_VIEW`.
+
+    MLflow 3 opens every page in its GenAI view (traces, token costs) unless the URL says
+    ``workflowType=machine_learning``; the experiment kind tag does not change that (3.17).
+    """
     base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    page = ""
+    pages = []
     if experiment_id:
-        page = f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        experiment = f"{base}/#/experiments/{experiment_id}"
+        if run_id:
+            pages.append(f"{experiment}/runs/{run_id}?{TRAINING_VIEW}")
+        pages.append(f"{experiment}/runs?{TRAINING_VIEW}&viewStateShareKey={RUNS_VIEW_KEY}")
+    page = " (run), ".join(pages) + (" (all runs)" if len(pages) == 2 else "")
     if uri.startswith(("http://", "https://")):
         return f"open {page or uri} in a browser"
     command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
@@ -96,16 +105,55 @@ def ui_hint(uri: str, run_id: str) -> str:
 # `mlflow ui --backend-store-uri sqlite:///…` of the README serves their artifacts too (the
 # server's default `mlflow-artifacts:/` location resolves against the UI's working directory).
 _SERVED: dict[str, Path] = {}
-# MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds
-# model training: the UI reads this tag.
+# The experiment holds model training (MLflow's own kind tag; the UI lists it as such). MLflow
+# 3.17 still opens pages in its GenAI view unless the URL asks for the training one.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+TRAINING_VIEW = "workflowType=machine_learning"
+# The runs table a researcher wants first: MLflow's own shared-view feature (the "Share" button
+# stores a view as the experiment tag `mlflow.sharedViewState.<key>`, opened by
+# `?viewStateShareKey=<key>`). Without it MLflow 3 shows no metric or param column at all.
+RUNS_VIEW_KEY = "finegrain"
+RUNS_VIEW = {
+    "selectedColumns": [
+        "attributes.`Dataset`",
+        "tags.`method`",
+        "metrics.`val/top1`",
+        "metrics.`val/best_top1`",
+        "metrics.`val/mean_class_acc`",
+        "metrics.`val/loss`",
+        "metrics.`train/loss`",
+        "tags.`early_stopped`",
+        "tags.`error`",
+    ],
+    "orderByKey": "metrics.`val/best_top1`",
+    "orderByAsc": False,
+}
+
+
+def runs_view(params: Sequence[str] = (), tags: Sequence[str] = ()) -> dict[str, str]:
+    """The experiment tag of :data:`RUNS_VIEW`, with columns for ``tags`` and ``params`` (a
+    sweep's searched parameters, a suite's variant and its options)."""
+    columns = [f"tags.`{t}`" for t in tags] + RUNS_VIEW["selectedColumns"]
+    columns += [f"params.`{p}`" for p in params]
+    view = {**RUNS_VIEW, "selectedColumns": list(dict.fromkeys(columns))}
+    return {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
+
+
+def set_runs_view(
+    uri: str, experiment_id: str, params: Sequence[str] = (), tags: Sequence[str] = ()
+) -> None:
+    """Show ``params`` and ``tags`` as columns of the experiment's runs table (:func:`runs_view`)."""
+    client = tracking_client(uri)
+    for key, value in runs_view(params, tags).items():
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def get_experiment_id(client: MlflowClient, name: str, run_dir: str | os.PathLike) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if exp.tags.get("mlflow.experimentKind") is None:
-            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        for key, value in {**EXPERIMENT_KIND, **runs_view()}.items():
+            if key not in exp.tags:  # an experiment made before: same looks
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
@@ -113,7 +161,9 @@ def get_experiment_id(client: MlflowClient, name: str, run_dir: str | os.PathLik
     elif client.tracking_uri in _SERVED:
         location = (_SERVED[client.tracking_uri] / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client.create_experiment(
+            name, artifact_location=location, tags={**EXPERIMENT_KIND, **runs_view()}
+        )
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -308,7 +358,13 @@ class RunLogger:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        # 7 significant digits: the float32 noise of a reduction ("44.999998807907104" for 45 %)
+        # is not shown in the UI's tables; every value keeps what float32 resolves.
+        items = [
+            Metric(k, float(f"{float(v):.7g}"), now, step)
+            for k, v in values.items()
+            if v is not None
+        ]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 

@@ -424,6 +424,8 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
     tracking.RunLogger(uri, run_id).text(
         yaml.safe_dump(space, sort_keys=False), "search_space.yaml"
     )
+    experiment_id = tracking.tracking_client(uri).get_run(run_id).info.experiment_id
+    tracking.set_runs_view(uri, experiment_id, params=list(space))  # the searched columns
     return run_id
 
 
