@@ -124,6 +124,11 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert "run.dir" not in run.data.params and run.data.tags["run.name"] == "tracked"
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
+    assert "None" not in run.data.tags.values()  # unset bookkeeping is no tag
+    assert (
+        "one-pass baseline" in run.data.tags["mlflow.note.content"].lower()
+    )  # the run page's description
+    assert "best validation top-1" in run.data.tags["mlflow.note.content"]
     # the dataset in MLflow's Dataset column: split sizes and a digest of the shards
     (inp,) = client.get_run(result.run_id).inputs.dataset_inputs
     assert inp.dataset.name.startswith("synthetic-") and len(inp.dataset.digest) == 12

@@ -248,7 +248,9 @@ class ExperimentConfig(_Section):
         return {k: v for k, v in self.flat().items() if not k.startswith(BOOKKEEPING)}
 
     def bookkeeping(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.flat().items() if k.startswith(BOOKKEEPING)}
+        """The run's bookkeeping options as tags (unset ones left out: no ``None`` tags)."""
+        flat = self.flat().items()
+        return {k: str(v) for k, v in flat if k.startswith(BOOKKEEPING) and v is not None}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False)

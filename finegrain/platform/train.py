@@ -171,7 +171,23 @@ def run_experiment(
             logger.text(note + "\n", "bad_videos.txt")  # (the loop logs the count per epoch)
         tracking.close_run(uri, run_id, status, error=error)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    if keys.BEST_TOP1 in metrics:  # the run page's description, in words
+        logger.tags({"mlflow.note.content": run_description(cfg, metrics)})
     return RunResult(run_id, run_name, uri, metrics, root / run_name)
+
+
+def run_description(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
+    """One line a researcher reads first on the run's page: what was trained and how it did."""
+    m = cfg.model
+    title = method_spec(m.method).title
+    line = (
+        f"**{title[:1].upper() + title[1:]}** ({m.backbone} backbone) on {dataset_name(cfg)}, "
+        f"{cfg.optim.epochs} epoch(s), seed {cfg.run.seed}: best validation top-1 "
+        f"{metrics[keys.BEST_TOP1]:.1f} %"
+    )
+    if keys.TOP1 in metrics:
+        line += f", last epoch {metrics[keys.TOP1]:.1f} %"
+    return line + " (every validation video, all views)."
 
 
 def check_model(cfg: ExperimentConfig) -> ModelFacts:
