@@ -8,7 +8,6 @@ import math
 import re
 
 import numpy as np
-from matplotlib.transforms import blended_transform_factory
 
 from finegrain.platform.figures import (
     SUBTLETY_COLOURS,
@@ -145,8 +144,8 @@ def _dsts_temporal_share(layers, sample, names, class_groups):
                 mask = np.array([k == kind for k in kinds])
                 if mask.any():
                     means[kind] = float(share[sel[mask]].mean())
-        _mean_lines(ax, means)
-        ax.set_title(f"layer {j}", fontsize=TEXT_PT + 1)
+        values = _mean_lines(ax, means)
+        ax.set_title(f"layer {j}" + (f"\n{values}" if values else ""), fontsize=TEXT_PT + 1)
         _neuron_axis(ax, len(share))
     axes[0].set_ylabel("share of channels to temporal op", fontsize=TEXT_PT)
     handles, _ = axes[0].get_legend_handles_labels()
@@ -159,37 +158,22 @@ def _dsts_temporal_share(layers, sample, names, class_groups):
     if handles:
         caption += (
             " Lines: mean share of the neurons that the clips of spatial-subtle (dashed) and "
-            "temporal-subtle (dotted) classes went through, values written beside them."
+            "temporal-subtle (dotted) classes went through, their values under each layer's name."
         )
     _footer(fig, caption, handles)
     return fig
 
 
-def _mean_lines(ax, means: dict[str, float]) -> None:
-    """A line per class group at its mean temporal share, in its own style and with its value
-    written beside it: one above and one below its line when the two are close."""
+def _mean_lines(ax, means: dict[str, float]) -> str:
+    """A line per class group at its mean temporal share, in its own style; returns the values
+    for the panel's title (written inside the axes, they hid the bars under them)."""
     styles = {"spatial": "--", "temporal": ":"}
-    close = len(means) == 2 and abs(means["spatial"] - means["temporal"]) < 0.1
-    high = max(means, key=means.get) if means else None
-    at_right = blended_transform_factory(ax.transAxes, ax.transData)
     for kind, mean in means.items():
-        colour = SUBTLETY_COLOURS[kind]
         ax.axhline(
             mean,
-            color=colour,
+            color=SUBTLETY_COLOURS[kind],
             linestyle=styles[kind],
             linewidth=2,
             label=f"mean over {kind}-subtle classes' clips",
         )
-        below = close and kind != high
-        ax.text(
-            0.98,
-            mean,
-            f"{kind}-subtle {mean:.2f}",
-            transform=at_right,
-            ha="right",
-            va="top" if below else "bottom",
-            fontsize=TEXT_PT,
-            color=colour,
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1},
-        )
+    return " · ".join(f"{kind}-subtle {mean:.2f}" for kind, mean in means.items())
