@@ -180,7 +180,8 @@ def lift_words(scores: dict, prefix: str, key: str, box: str, subject: str) -> s
     """The verdict on ``{prefix}_{key}`` beside ``{prefix}_chance`` ({key: (mean, CI low, CI
     high)} over seeds): holds when the 95 % interval of ``{prefix}_lift`` lies above 0."""
     if f"{prefix}_lift" not in scores or f"{prefix}_{key}" not in scores:
-        return "not scored (no evidence boxes: the dataset has no ground truth)"
+        # the variant has no such mechanism (DFB without filters) or the data no evidence boxes
+        return "not scored (its runs logged no evidence scores)"
     value = scores[f"{prefix}_{key}"][0]
     chance = scores.get(f"{prefix}_chance", (math.nan,) * 3)[0]
     lift, lo, hi = scores[f"{prefix}_lift"]
