@@ -81,7 +81,9 @@ class DataConfig(_Section):
     # a shard-read task
     decode_actors: int = Field(1, ge=1, le=256)
     decode_cpus: float = Field(0.5, gt=0, le=64)
-    decode_batch: int = Field(16, ge=1, le=4096)
+    # 32: 261 clips/s against 185 at 16 (bench/data_throughput.py's one 5-epoch execution, 2
+    # cores; README, Speed); larger calls make larger evaluation blocks (videos x views)
+    decode_batch: int = Field(32, ge=1, le=4096)
     read_cpus: float = Field(0.25, ge=0, le=64)
     # the previous epoch's training batches kept (uint8, CPU) for work between epochs (U2S's
     # category similarity matrix): all of them when they fit, else a uniform sample
