@@ -50,6 +50,12 @@ def is_accuracy(key: str) -> bool:
     return group == "val" and ("top" in name or "acc" in name)
 
 
+def percent(fraction: float) -> float:
+    """An accuracy in %, to 1e-4 % (one video in a million): torchmetrics' float32 fraction
+    (0.44999998807907104) would show as 44.999998807907104 in Tune's table and MLflow."""
+    return round(100 * float(fraction), 4)
+
+
 def val_metrics(val: Mapping) -> dict[str, float]:
     """The scalars of an evaluation (:func:`finegrain.platform.metrics.classification_metrics`
     plus the evaluator's ``videos`` and ``branch_top1_<name>``, accuracies as fractions) under
@@ -59,7 +65,7 @@ def val_metrics(val: Mapping) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         key = f"val/{_branch(name)}"
-        out[key] = 100 * value if is_accuracy(key) else value
+        out[key] = percent(value) if is_accuracy(key) else value
     return out
 
 

@@ -648,11 +648,11 @@ class _Loop:
             progress.best_top1 = max(progress.best_top1, top1)
             scores = keys.val_metrics(val)  # val/..., accuracies in %
             if plain is not None:
-                scores["val/top1_without_precise_bn"] = 100 * plain["top1"]
+                scores["val/top1_without_precise_bn"] = keys.percent(plain["top1"])
             metrics = {  # first the four that Tune's trial table shows
                 keys.EPOCH: epoch + 1,
                 keys.TOP1: scores.pop(keys.TOP1),
-                keys.BEST_TOP1: 100 * progress.best_top1,
+                keys.BEST_TOP1: keys.percent(progress.best_top1),
                 **train,
                 "train/stage": index,
                 **scores,
