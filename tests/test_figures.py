@@ -340,3 +340,35 @@ def test_per_class_csv():
         '0,"a",50.00',
         '1,"b, with comma",100.00',
     ]
+
+
+# --- a sweep's Optuna pictures, at the same standard ---------------------------------------------
+def test_sweep_pictures_name_every_setting_in_full_at_9_pt(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from finegrain.platform.tune import sweep_figures
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = tmp_path / "optuna.db"
+    study = optuna.create_study(
+        study_name="s", storage=f"sqlite:///{storage}", direction="maximize"
+    )
+    space = {
+        "model.udl_alpha_scale": FloatDistribution(0.3, 3.0, log=True),
+        "optim.weight_decay": FloatDistribution(0.001, 0.1, log=True),
+    }
+    for k, values in enumerate([(0.5, 0.01), (1.5, 0.03), (2.5, 0.002)]):
+        params = dict(zip(space, values, strict=True))
+        study.add_trial(create_trial(params=params, distributions=space, value=30.0 + 7 * k))
+    figs = sweep_figures(storage, "s")
+    assert set(figs) == {"parallel_coordinates", "param_importances"}
+    for fig in figs.values():
+        assert fig.dpi >= 150 and fig.get_suptitle()
+        assert not [(t.get_text(), t.get_fontsize()) for t in texts(fig) if t.get_fontsize() < 9]
+        labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+        labels += [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+        assert not [t for t in labels if t.endswith("...")]  # Optuna cuts long names
+        assert "model.udl_alpha_scale" in labels and "Objective Value" not in labels
+        assert png_bytes(fig).startswith(b"\x89PNG")

@@ -568,7 +568,69 @@ def sweep_figures(storage_path: Path, study_name: str) -> dict:
             # completed trial has the same value of a parameter (a flat axis): notices, no fault
             warnings.simplefilter("ignore")
             with contextlib.suppress(Exception):  # a picture never fails a sweep
-                out["parallel_coordinates"] = ovm.plot_parallel_coordinate(study).figure
+                out["parallel_coordinates"] = _readable(
+                    ovm.plot_parallel_coordinate(study).figure,
+                    study,
+                    "Searched settings of the trials that ran all their epochs, and their "
+                    "validation top-1",
+                    "One line per completed trial (trials ASHA or the time budget stopped are "
+                    "pruned in Optuna's study and left out); the first axis and the colour: its "
+                    f"{TOP1} in %. Axes of log-uniform settings are log-scaled.",
+                )
             with contextlib.suppress(Exception):
-                out["param_importances"] = ovm.plot_param_importances(study).figure
+                out["param_importances"] = _readable(
+                    ovm.plot_param_importances(study).figure,
+                    study,
+                    "Which searched settings mattered most for validation top-1",
+                    f"Optuna's fANOVA importance of each setting for {TOP1} over the completed "
+                    "trials (the importances sum to 1); with few trials, a rough guide.",
+                )
     return out
+
+
+def _full_name(label: str, names: set[str], objective: str) -> str:
+    """An axis name of Optuna's parallel-coordinates plot in full: it cuts long ones
+    ("model.udl_alpha_s...") and calls the objective "Objective Value"."""
+    if label == "Objective Value":
+        return objective
+    if label.endswith("..."):
+        found = [n for n in names if n.startswith(label[:-3])]
+        return found[0] if len(found) == 1 else label
+    return label
+
+
+def _readable(fig, study, title: str, caption: str):
+    """Optuna's matplotlib figure at the pictures' standard (:mod:`.figures`): 150 dpi, 9 pt
+    labels that are never cut (its defaults cut the settings' names at the figure's edge), a
+    plain title and a caption."""
+    import textwrap
+
+    from finegrain.platform.figures import DPI, TEXT_PT, TITLE_PT
+
+    fig.set_size_inches(9, 5.5)
+    fig.set_dpi(DPI)
+    names = {n for t in study.trials for n in t.params}
+    objective = f"{TOP1} (%)"
+    for ax in fig.axes:
+        for loc in ("left", "center", "right"):
+            ax.set_title("", loc=loc)
+        ax.tick_params(labelsize=TEXT_PT)
+        if ax.get_ylabel() == "Objective Value":  # the colour bar
+            ax.set_ylabel(objective)
+        for text in (ax.xaxis.label, ax.yaxis.label, *ax.texts):
+            text.set_fontsize(TEXT_PT)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()  # one series, named in the caption
+    main = fig.axes[0]
+    if len(fig.axes) > 2:  # parallel coordinates: one axis per setting, named below it
+        for lines in main.collections:  # its white-to-blue scale hid the worst trial's line
+            lines.set_cmap("viridis")
+        labels = [_full_name(t.get_text(), names, objective) for t in main.get_xticklabels()]
+        main.set_xticks(main.get_xticks(), labels)
+        for label in main.get_xticklabels():
+            label.set(rotation=25, ha="right", rotation_mode="anchor", fontsize=TEXT_PT)
+    fig.suptitle(title, fontsize=TITLE_PT)
+    lines = textwrap.wrap(caption, 120)
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=TEXT_PT, va="bottom", color="0.25")
+    fig.tight_layout(rect=(0, (len(lines) * TEXT_PT * 1.4 / 72 + 0.1) / 5.5, 1, 1))
+    return fig
