@@ -310,10 +310,7 @@ def run_suite(
             tags={"suite": suite.name, "ablation": "summary", "method": suite.method},
         )
         tracking.set_runs_view(  # the variant and what it changes as columns
-            uri,
-            tracking.tracking_client(uri).get_run(summary).info.experiment_id,
-            params=list(dict.fromkeys(k for v in chosen for k in v.overrides)),
-            tags=["variant"],
+            uri, summary, list(dict.fromkeys(k for v in chosen for k in v.overrides)), ["variant"]
         )
         failed: list[str] = []
         try:

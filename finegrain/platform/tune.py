@@ -424,8 +424,7 @@ def _parent_run(uri, base: ExperimentConfig, name: str, space: dict, num_samples
     tracking.RunLogger(uri, run_id).text(
         yaml.safe_dump(space, sort_keys=False), "search_space.yaml"
     )
-    experiment_id = tracking.tracking_client(uri).get_run(run_id).info.experiment_id
-    tracking.set_runs_view(uri, experiment_id, params=list(space))  # the searched columns
+    tracking.set_runs_view(uri, run_id, params=list(space))  # the searched settings as columns
     return run_id
 
 
@@ -562,6 +561,7 @@ def sweep_figures(storage_path: Path, study_name: str) -> dict:
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage_path}")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     out = {}
+    objective = f"{TOP1} (%)"  # Optuna's axis and colour-bar name of the objective
     if len(complete) >= 2:
         with warnings.catch_warnings():
             # Optuna marks its matplotlib plots experimental, and matplotlib warns when every
@@ -569,7 +569,7 @@ def sweep_figures(storage_path: Path, study_name: str) -> dict:
             warnings.simplefilter("ignore")
             with contextlib.suppress(Exception):  # a picture never fails a sweep
                 out["parallel_coordinates"] = _readable(
-                    ovm.plot_parallel_coordinate(study).figure,
+                    ovm.plot_parallel_coordinate(study, target_name=objective).figure,
                     study,
                     "Searched settings of the trials that ran all their epochs, and their "
                     "validation top-1",
@@ -579,7 +579,7 @@ def sweep_figures(storage_path: Path, study_name: str) -> dict:
                 )
             with contextlib.suppress(Exception):
                 out["param_importances"] = _readable(
-                    ovm.plot_param_importances(study).figure,
+                    ovm.plot_param_importances(study, target_name=objective).figure,
                     study,
                     "Which searched settings mattered most for validation top-1",
                     f"Optuna's fANOVA importance of each setting for {TOP1} over the completed "
@@ -588,49 +588,43 @@ def sweep_figures(storage_path: Path, study_name: str) -> dict:
     return out
 
 
-def _full_name(label: str, names: set[str], objective: str) -> str:
-    """An axis name of Optuna's parallel-coordinates plot in full: it cuts long ones
-    ("model.udl_alpha_s...") and calls the objective "Objective Value"."""
-    if label == "Objective Value":
-        return objective
-    if label.endswith("..."):
-        found = [n for n in names if n.startswith(label[:-3])]
-        return found[0] if len(found) == 1 else label
-    return label
+def _full_name(label: str, names: set[str]) -> str:
+    """A setting's name in full: Optuna's parallel-coordinates plot cuts long ones
+    ("model.udl_alpha_s...")."""
+    found = [n for n in names if label.endswith("...") and n.startswith(label[:-3])]
+    return found[0] if len(found) == 1 else label
 
 
 def _readable(fig, study, title: str, caption: str):
-    """Optuna's matplotlib figure at the pictures' standard (:mod:`.figures`): 150 dpi, 9 pt
-    labels that are never cut (its defaults cut the settings' names at the figure's edge), a
-    plain title and a caption."""
-    import textwrap
+    """Optuna's matplotlib figure at the pictures' standard (:mod:`.figures`, whose title it
+    gets): 150 dpi, 9 pt labels, settings named in full below their axes, a caption. (Laid out
+    with tight_layout: constrained layout, which :func:`.figures._footer` needs, fails on the
+    grid of Optuna's colour bar.)"""
+    from finegrain.platform import figures
 
-    from finegrain.platform.figures import DPI, TEXT_PT, TITLE_PT
-
-    fig.set_size_inches(9, 5.5)
-    fig.set_dpi(DPI)
-    names = {n for t in study.trials for n in t.params}
-    objective = f"{TOP1} (%)"
+    width, height = 9.0, 5.0
+    fig.set_size_inches(width, height)
+    fig.set_dpi(figures.DPI)
     for ax in fig.axes:
         for loc in ("left", "center", "right"):
-            ax.set_title("", loc=loc)
-        ax.tick_params(labelsize=TEXT_PT)
-        if ax.get_ylabel() == "Objective Value":  # the colour bar
-            ax.set_ylabel(objective)
+            ax.set_title("", loc=loc)  # the figure's title replaces Optuna's
+        ax.tick_params(labelsize=figures.TEXT_PT)
         for text in (ax.xaxis.label, ax.yaxis.label, *ax.texts):
-            text.set_fontsize(TEXT_PT)
+            text.set_fontsize(figures.TEXT_PT)
         if ax.get_legend() is not None:
             ax.get_legend().remove()  # one series, named in the caption
     main = fig.axes[0]
     if len(fig.axes) > 2:  # parallel coordinates: one axis per setting, named below it
         for lines in main.collections:  # its white-to-blue scale hid the worst trial's line
             lines.set_cmap("viridis")
-        labels = [_full_name(t.get_text(), names, objective) for t in main.get_xticklabels()]
+        names = {n for t in study.trials for n in t.params}
+        labels = [_full_name(t.get_text(), names) for t in main.get_xticklabels()]
         main.set_xticks(main.get_xticks(), labels)
         for label in main.get_xticklabels():
-            label.set(rotation=25, ha="right", rotation_mode="anchor", fontsize=TEXT_PT)
-    fig.suptitle(title, fontsize=TITLE_PT)
-    lines = textwrap.wrap(caption, 120)
-    fig.text(0.01, 0.01, "\n".join(lines), fontsize=TEXT_PT, va="bottom", color="0.25")
-    fig.tight_layout(rect=(0, (len(lines) * TEXT_PT * 1.4 / 72 + 0.1) / 5.5, 1, 1))
+            label.set(rotation=25, ha="right", rotation_mode="anchor")
+    figures._title(fig, title)
+    text = figures._wrap(caption, figures._chars(width - 0.3))
+    fig.text(0.15 / width, 0.08 / height, text, fontsize=figures.TEXT_PT, color="0.2")
+    band = (text.count("\n") + 1) * figures.LINE_IN + 0.2
+    fig.tight_layout(rect=(0, band / height, 1, 1))
     return fig
