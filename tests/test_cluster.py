@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 from finegrain.platform import cluster
 from finegrain.platform.config import load_config
@@ -84,7 +85,7 @@ def test_a_command_starts_its_own_ray_despite_a_stale_cluster_pointer():
     ray_tmp = Path(tempfile.mkdtemp(prefix="fgray-", dir="/tmp"))  # socket paths stay short
     (ray_tmp / "ray").mkdir(parents=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nobody there
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env = subprocess_env()
     env["RAY_TMPDIR"] = str(ray_tmp)
     code = (
         "import ray\n"

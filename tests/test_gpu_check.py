@@ -4,7 +4,6 @@ sessions that have a GPU machine."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_dry_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="fgray-", dir="/tmp")  # Ray's socket paths stay short
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env = subprocess_env()
     env.update(RAY_TMPDIR=ray_tmp, OUT=str(out), PYTHONUNBUFFERED="1")
     try:
         proc = subprocess.run(

@@ -43,6 +43,17 @@ def run_dir(tmp_path_factory):
     ray.shutdown()
 
 
+# The tests that read one plain two-epoch run share it: they run on one pytest-xdist worker
+# (`--dist loadgroup`), which trains it once.
+ONE_RUN = pytest.mark.xdist_group("two_epoch_run")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(run_dir):
+    """The one-pass baseline, 2 workers, 2 epochs: what an uninterrupted run of the seed gives."""
+    return run_experiment(tiny_config(run_dir, "run.name=straight", "optim.epochs=2"), quiet=True)
+
+
 def tiny_config(run_dir: Path, *overrides: str):
     return load_config("synthetic", [*TINY, f"run.dir={run_dir}", *overrides])
 
@@ -55,14 +66,20 @@ def run_files(run_dir: Path, name: str) -> list[Path]:
     return sorted(p for p in (run_dir / "ray" / name).glob("checkpoint_*") if p.is_dir())
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_one_epoch_with_two_workers(run_dir, method):
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=ONE_RUN) if m == "onepass" else m for m in METHODS],
+)
+def test_every_method_trains_with_two_workers(run_dir, method, request):
     overrides = [f"model.method={method}", f"run.name=all-{method}"]
     if method == "u2s":
         overrides.append("optim.epochs=3")  # one epoch per stage: UN, CSN+MN, joint
     if method == "dsts":
         overrides += ["model.udl=true", "model.neurons=3", "model.layers=1", "data.num_frames=8"]
-    result = run_experiment(tiny_config(run_dir, *overrides), quiet=True)
+    if method == "onepass":  # the baseline's plain run, which other tests read too
+        result = request.getfixturevalue("two_epochs")
+    else:
+        result = run_experiment(tiny_config(run_dir, *overrides), quiet=True)
     m = result.metrics
     assert 0.0 <= m["val/top1"] <= 100.0 and m["val/videos"] == 4  # one val video per class
     assert m["val/top1"] in {0.0, 25.0, 50.0, 75.0, 100.0}  # in %: 4 videos
@@ -82,8 +99,9 @@ def test_every_method_trains_one_epoch_with_two_workers(run_dir, method):
     assert expected[method] in mechanisms, mechanisms
 
 
-def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
-    result = run_experiment(tiny_config(run_dir, "run.name=tracked", "optim.epochs=2"), quiet=True)
+@ONE_RUN
+def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir, two_epochs):
+    result = two_epochs
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -121,7 +139,7 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir):
     assert Path(model).stat().st_size < (result.run_dir / "best.pt").stat().st_size
     # every resolved option, defaults included, in params and config.yaml; bookkeeping as tags
     assert run.data.params["eval.precise_bn_batches"] == "16"
-    assert "run.dir" not in run.data.params and run.data.tags["run.name"] == "tracked"
+    assert "run.dir" not in run.data.params and run.data.tags["run.name"] == "straight"
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
     assert "None" not in run.data.tags.values()  # unset bookkeeping is no tag
@@ -175,7 +193,10 @@ def test_a_runs_params_hold_the_methods_resolved_defaults(method):
     }  # fmt: skip
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_error(run_dir):
+@ONE_RUN
+def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_error(
+    run_dir, two_epochs
+):
     """Epoch 1 completes and is checkpointed, then the run dies in epoch 2 (no retries): the
     run is FAILED with its error. Resumed under the same name it continues at epoch 2 with
     the optimizer, the schedule, the random state and epoch 2's clips of an uninterrupted
@@ -202,6 +223,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_erro
 
     result = run_experiment(cfg, quiet=True)  # same name: resumes (the fault fires only once)
     assert result.metrics["epoch"] == 2
+    assert (run_dir / "resume" / "fault_injected_at_3").exists()  # why it fired only once
     final = torch.load(run_files(run_dir, "resume")[-1] / CHECKPOINT_FILE, weights_only=False)
     assert final["epoch"] == 1
     assert final["scheduler"]["last_epoch"] == 2  # continued, not restarted
@@ -210,31 +232,19 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_erro
     assert [h.step for h in client.get_metric_history(result.run_id, "val/top1")] == [1, 2]
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
-    straight = run_experiment(
-        tiny_config(run_dir, "run.name=straight", "optim.epochs=2"), quiet=True
-    )
     keys = ["train/loss", "val/top1", "val/top5", "val/mean_class_acc"]
-    assert {k: result.metrics[k] for k in keys} == {k: straight.metrics[k] for k in keys}
+    assert {k: result.metrics[k] for k in keys} == {k: two_epochs.metrics[k] for k in keys}
 
 
-def test_the_same_checkpoint_evaluates_identically_on_1_and_3_workers(run_dir):
+@ONE_RUN
+def test_the_same_checkpoint_evaluates_identically_on_1_and_3_workers(run_dir, two_epochs):
     """Every validation view is evaluated exactly once whatever the number of workers (none is
     dropped to even out the ranks' shares: 8 views over 3 ranks), so the metrics are identical."""
-    cfg = tiny_config(run_dir, "run.name=evaluated", "eval.clips=2")
-    run_experiment(cfg, quiet=True)
-    checkpoint = run_dir / "evaluated" / "best.pt"
+    cfg = tiny_config(run_dir, "run.name=evaluated", "eval.clips=2")  # 2 views per video
+    checkpoint = two_epochs.run_dir / "best.pt"
     results = [evaluate_checkpoint(cfg, checkpoint, workers=w) for w in (1, 3)]
     assert results[0]["val/videos"] == 4  # 4 videos x 2 views, each seen once
     assert results[0] == results[1]
-
-
-def test_fault_injection_recovers_with_max_failures(run_dir):
-    cfg = tiny_config(
-        run_dir, "run.name=faulty", "optim.epochs=2", "run.fail_at_step=3", "run.max_failures=1"
-    )
-    result = run_experiment(cfg, quiet=True)
-    assert result.metrics["epoch"] == 2
-    assert (run_dir / "faulty" / "fault_injected_at_3").exists()
 
 
 def test_bad_set_value_exits_2_naming_the_field_before_ray_starts():

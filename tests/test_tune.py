@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import MlflowUI
+from helpers import MlflowUI, subprocess_env
 from mlflow.tracking import MlflowClient
 
 from finegrain.models import METHODS
@@ -322,7 +322,7 @@ def ray_env(tmp_path):
     marker = secrets.token_hex(8)
     # short: Ray's socket paths (under RAY_TMPDIR) must stay below 107 characters
     ray_tmp = tempfile.mkdtemp(prefix="fgray-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env = subprocess_env()
     env.update(
         RAY_TMPDIR=ray_tmp,
         RAY_AUTH_MODE="token",
