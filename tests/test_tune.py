@@ -155,6 +155,45 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
     assert study.trials[1].value == 40.0
 
 
+def test_trials_the_time_budget_stopped_are_settled_in_optuna_when_the_sweep_ends(tmp_path):
+    """Tune's time budget terminates the running trials without telling the searcher: once the
+    sweep has ended they are COMPLETE (every epoch), PRUNED (fewer) or FAIL, never RUNNING."""
+    from types import SimpleNamespace
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from finegrain.platform.tune import settle_study
+
+    search = optuna_searcher({"optim.lr": SPACE["optim.lr"]}, "s", tmp_path / "o.db", seed=0)
+    search.set_search_properties("val/top1", "max", {})
+    ends = {
+        "all": {"val/top1": 40.0, "epoch": 2, "total_epochs": 2},
+        "early": {"val/top1": 20.0, "epoch": 1, "total_epochs": 2},
+        "error": {"val/top1": 10.0, "epoch": 1, "total_epochs": 2},
+        "told": {"val/top1": 30.0, "epoch": 2, "total_epochs": 2},  # its end reached Optuna
+        "unreported": {},  # stopped before its first epoch
+    }
+    for trial_id, last in ends.items():
+        search.suggest(trial_id)
+        if last:
+            search.on_trial_result(trial_id, {**last, "training_iteration": last["epoch"]})
+    search.on_trial_complete("told", ends["told"])
+    results = [
+        SimpleNamespace(metrics={**m, "trial_id": t} if m else {}, error=None)
+        for t, m in ends.items()
+    ]
+    results[2].error = RuntimeError("worker died")
+    assert settle_study(tmp_path / "o.db", "s", results) == {"COMPLETE": 1, "PRUNED": 2, "FAIL": 1}
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state for t in study.trials] == [
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE,
+        TrialState.PRUNED,
+    ]  # fmt: skip
+    assert study.trials[0].value == 40.0 and study.trials[1].value == 20.0  # its last epoch's
+    assert settle_study(tmp_path / "o.db", "s", results) == {}  # nothing left to settle
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_default_spaces_convert_and_their_bounds_validate_for_their_method(method):
     space = check_space(default_space(method))
@@ -768,6 +807,7 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     again (Ray Train's cleaner, served by the dashboard's State API, removed the placement
     group the dead controller held), and the coordinator Ray Data shares the cluster through
     holds nothing for the dead controllers."""
+    import optuna
     import pyarrow.parquet as pq
     import ray
 
@@ -822,6 +862,9 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     ]
     stopped = runs[0]
     assert stopped.data.tags["early_stopped"] == "true"
+    tuned = tmp_path / "runs" / "tune" / "budget" / "optuna.db"
+    study = optuna.load_study(study_name="budget", storage=f"sqlite:///{tuned}")
+    assert {t.state.name for t in study.trials} == {"PRUNED"}, study.trials  # none RUNNING
     assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val/top1")) < 200
     assert stopped.data.metrics["sys/bad_videos"] == 1  # counted as met, not lost with the trial
 

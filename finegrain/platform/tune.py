@@ -155,6 +155,7 @@ BASELINE_BEST_TOP1 = "val/baseline_best_top1"
 
 
 ASHA_REDUCTION = 3
+TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
 
 
 @dataclass
@@ -211,6 +212,12 @@ def _optuna_search_class():
         """``OptunaSearch`` that tells Optuna a trial stopped before its last epoch (by ASHA or
         the time budget) is PRUNED; its per-epoch val top-1 are its intermediate values."""
 
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            if trial_id in self._ot_trials:  # what `settle_study` finds it by
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+            return config
+
         def on_trial_complete(self, trial_id, result=None, error=False):
             stopped = (
                 result is not None
@@ -224,6 +231,38 @@ def _optuna_search_class():
             self._completed_trials.add(trial_id)
 
     return TruthfulOptunaSearch
+
+
+def settle_study(storage_path: Path, name: str, results) -> dict[str, int]:
+    """Tell Optuna how the trials that the sweep's end stopped ended, once the sweep is over.
+
+    Tune's time budget ends the experiment through ``TuneController._cleanup_trials``, which
+    marks the running trials TERMINATED without calling the searcher's ``on_trial_complete``
+    (``stop_trial`` does; the clean-up does not: Ray 2.60). Their Optuna trials stayed RUNNING,
+    so the study counted fewer trials than ran and its pictures left them out. A trial that ran
+    every epoch is COMPLETE with its last val top-1, one stopped earlier PRUNED (Optuna takes
+    its last epoch's value), one that errored FAIL. Only for a sweep that ended (an interrupted
+    one keeps them RUNNING: ``--resume`` continues them). Returns the count per new state."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage_path}")
+    ended = (results[i] for i in range(len(results)))  # Tune's ResultGrid: one per trial
+    by_id = {r.metrics.get("trial_id"): r for r in ended if r.metrics}
+    settled: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        result = by_id.get(trial.user_attrs.get(TUNE_TRIAL_ID))
+        m = result.metrics if result is not None else {}
+        value = None
+        if result is not None and result.error is not None:
+            state = TrialState.FAIL
+        elif m.get("epoch", 0) >= m.get(TOTAL_EPOCHS, float("inf")) and TOP1 in m:
+            state, value = TrialState.COMPLETE, float(m[TOP1])
+        else:  # stopped before its last epoch, or before its first
+            state = TrialState.PRUNED
+        study.tell(trial.number, value, state=state)
+        settled[state.name] = settled.get(state.name, 0) + 1
+    return settled
 
 
 def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed: int):
@@ -337,6 +376,7 @@ def run_sweep(
             cluster.wait_released()  # let the stopped trials wind down before Ray does
             raise
         close_stopped_children(uri, parent)
+        settle_study(sweep_dir / "optuna.db", name, results)
         cluster.wait_released()
         table = _with_unreported(_results_table(results), uri, parent, name)
         outcomes = _outcomes(uri, parent)
