@@ -74,6 +74,34 @@ def test_a_suite_row_names_the_runs_that_did_not_finish(tmp_path):
     assert "| — |" in lines[3] and lines[3].endswith("| seed 0 stopped early |")
 
 
+def test_a_mechanism_verdict_needs_two_seeds(tmp_path):
+    """One seed's mechanism scores give no interval (they are per run: nothing to resample), so
+    no verdict either; two seeds give both, in the method's own words."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ablate-dfb")
+    suite = ablate.get_suite("dfb")
+    variants = ablate.select(suite, ["gb_df", "gb_df_lb"])
+
+    def run(variant: str, hit: float) -> None:
+        r = client.create_run(exp, tags={"suite": "dfb", "variant": variant})
+        scores = {"evidence_hit": hit, "evidence_chance": 0.06, "evidence_lift": hit - 0.06}
+        for key, value in scores.items():
+            client.log_metric(r.info.run_id, f"mech/{key}", value)
+        client.set_terminated(r.info.run_id, "FINISHED")
+
+    run("gb_df", 0.30)  # one seed
+    run("gb_df_lb", 0.30)
+    run("gb_df_lb", 0.34)  # two seeds
+    df = ablate.mechanism_table(uri, "ablate-dfb", suite, variants)
+    one = df[df["variant"] == "gb_df"]
+    assert (one["n"] == 1).all() and one["ci_lo"].isna().all()
+    md = ablate.mechanisms_markdown(df, suite, variants)
+    assert "| `gb_df` | dfb | evidence_hit | 0.300 | — | 1 |" in md
+    assert "- `gb_df` (DFB): not tested: one seed gives no interval" in md
+    assert "- `gb_df_lb` (DFB): holds: the true class's top filter cell 32 % in the part" in md
+
+
 def test_unknown_suite_variant_and_bad_epochs_are_clear_errors(capsys):
     with pytest.raises(ConfigError, match=r"--suite 'nope'.*valid: dsts, u2s"):
         ablate.get_suite("nope")

@@ -716,7 +716,8 @@ def to_markdown(table, setup: str = "") -> str:
 
 def mechanism_table(uri: str, experiment: str, suite: Suite, variants: Sequence[Variant]):
     """One row per variant and mechanism score (the runs' final ``mech/`` metrics): ``mean``
-    over seeds, ``ci_lo``/``ci_hi`` (bootstrap over seeds, 95 %), ``n``."""
+    over seeds, ``ci_lo``/``ci_hi`` (bootstrap over seeds, 95 %; NaN from one seed, which gives
+    no interval: the scores are per run, there are no videos to resample), ``n``."""
     import pandas as pd
 
     from finegrain.platform.stats import Correctness, bootstrap_ci
@@ -742,7 +743,11 @@ def mechanism_table(uri: str, experiment: str, suite: Suite, variants: Sequence[
         for (variant, key), xs in values.items():
             if variant != v.name:
                 continue
-            lo, hi = bootstrap_ci(Correctness.from_accuracies(dict(enumerate(xs))))
+            lo, hi = (
+                bootstrap_ci(Correctness.from_accuracies(dict(enumerate(xs))))
+                if len(xs) > 1
+                else (math.nan, math.nan)
+            )
             rows.append(
                 {"variant": variant, "method": _method_of(suite, v), "score": key,
                  "mean": sum(xs) / len(xs), "ci_lo": lo, "ci_hi": hi, "n": len(xs)}
@@ -765,16 +770,20 @@ def mechanisms_markdown(df, suite: Suite, variants: Sequence[Variant]) -> str:
         "|:--|:--|:--|--:|--:|--:|",
     ]
     for row in df.itertuples():
+        ci = "—" if math.isnan(row.ci_lo) else f"[{row.ci_lo:.3f}, {row.ci_hi:.3f}]"
         lines.append(
-            f"| `{row.variant}` | {row.method} | {row.score} | {row.mean:.3f} | "
-            f"[{row.ci_lo:.3f}, {row.ci_hi:.3f}] | {row.n} |"
+            f"| `{row.variant}` | {row.method} | {row.score} | {row.mean:.3f} | {ci} | {row.n} |"
         )
     lines += ["", "**Does the paper's mechanism hold here?**", ""]
     for v in variants:
         spec = method_spec(_method_of(suite, v))
         mine = df[df["variant"] == v.name]
         scores = {r.score: (r.mean, r.ci_lo, r.ci_hi) for r in mine.itertuples()}
-        lines.append(f"- `{v.name}` ({spec.title}): {spec.verdict(scores)}")
+        if len(mine) and (mine["n"] < 2).all():  # a verdict needs an interval
+            words = "not tested: one seed gives no interval (run the suite with --seeds 2 or more)"
+        else:
+            words = spec.verdict(scores)
+        lines.append(f"- `{v.name}` ({spec.title}): {words}")
     return "\n".join(lines) + "\n"
 
 
