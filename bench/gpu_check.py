@@ -122,7 +122,7 @@ def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple
     for clips, labels in batches[1:]:
         loss = _step(model, opt, clips, labels, autocast, to_model_input)
     _sync(device)
-    return (time.perf_counter() - start) / max(1, len(batches) - 1), float(loss)
+    return (time.perf_counter() - start) / max(1, len(batches) - 1), float(loss.detach())
 
 
 def check_worker(config: dict) -> None:
@@ -138,7 +138,10 @@ def check_worker(config: dict) -> None:
         read_classes,
         to_model_input,
     )
+    from finegrain.platform.logs import quiet_ray_logs
+    from finegrain.platform.worker import say
 
+    quiet_ray_logs()  # as the training runs' workers: no INFO line per report on the console
     ray.data.DataContext.get_current().enable_progress_bars = False  # one table, no bars
     s, device = config["settings"], ray.train.torch.get_device()
     classes = len(read_classes(config["shards"]))
@@ -155,7 +158,7 @@ def check_worker(config: dict) -> None:
     rows = []
     for cfg in config["configs"]:
         name = f"{cfg[0]} · {cfg[1]}"
-        print(f"[gpu_check] {name}", flush=True)
+        say(f"[gpu_check] {name}")  # once (Train's print patch would echo a print)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device here (use --device cpu --tiny for the dry run)")
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from finegrain.datasets.pipeline import split_rows
@@ -305,6 +308,7 @@ def main(argv=None) -> int:
     shards = make_shards(args.work, s)
     cpus = os.cpu_count() or 2
     cluster.connect(num_cpus=cpus)
+    cluster.watch_preemptions()  # as the training runs: no watcher where nothing drains nodes
     gpu = args.device == "cuda"
     # the worker holds 1 CPU; decode actors take the rest (one core each on a GPU machine)
     actors = max(1, cpus - 2) if gpu else 1
@@ -321,7 +325,12 @@ def main(argv=None) -> int:
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=str(args.work / "ray"), name=f"check-{int(time.time())}"),
+        run_config=RunConfig(
+            storage_path=str(args.work / "ray"),
+            name=f"check-{int(time.time())}",
+            # as the training runs: no INFO line per report and checkpoint on the console
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
     )
     rows = trainer.fit().metrics["rows"]
     ray.shutdown()
