@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from finegrain.models import METHODS
 from finegrain.platform import tracking
 from finegrain.platform.config import ConfigError, load_config
-from finegrain.platform.sweeps import close_stopped_children
+from finegrain.platform.sweeps import close_stopped_children, graceful_interrupt, mark_stopping
 from finegrain.platform.tune import (
     DefineByRun,
     _resolve_resume,
@@ -928,18 +928,52 @@ def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):
     )
 
 
-def test_a_failure_racing_a_sweeps_stop_does_not_turn_the_stop_into_failed(tmp_path):
-    """The time budget removes a trial's placement group; its trainer then raises
-    ActorDiedError while the sweep closes the run as stopped (tag early_stopped, KILLED): the
-    trial's own FAILED close must not win."""
+def test_a_trial_closing_its_run_while_the_sweep_stops_it_ends_killed(tmp_path):
+    """A sweep stopping its trials (ASHA, the time budget, Ctrl+C) tags their runs
+    ``early_stopped`` first; what a trial then closes its run with — FAILED because its trainer
+    died with the trial's process, FINISHED because its last epoch landed inside Tune's stop
+    window (Tune reruns it on --resume all the same) — ends KILLED, with no error; an untagged
+    run's failure stays a failure."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("r", artifact_location=(tmp_path / "art").as_uri())
-    stopped = client.create_run(exp).info.run_id
-    client.set_tag(stopped, "early_stopped", "true")  # the sweep's first step
-    assert not tracking.close_run(uri, stopped, "FAILED", error=RuntimeError("actor died"))
-    assert client.get_run(stopped).info.status == "RUNNING"  # the sweep closes it KILLED next
+    for status in ("FAILED", "FINISHED"):
+        stopped = client.create_run(exp).info.run_id
+        client.set_tag(stopped, "early_stopped", "true")  # the sweep's first step
+        died = RuntimeError("The actor is dead because its owner has died")
+        assert tracking.close_run(uri, stopped, status, error=died if status == "FAILED" else None)
+        run = client.get_run(stopped)
+        assert (run.info.status, run.data.tags.get("error")) == ("KILLED", None), status
+        assert not tracking.close_run(uri, stopped, "FAILED", error=RuntimeError("late"))
     failed = client.create_run(exp).info.run_id
     assert tracking.close_run(uri, failed, "FAILED", error=RuntimeError("a real bug"))
     run = client.get_run(failed)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: a real bug"
+
+
+def test_ctrl_c_tags_the_running_trials_of_the_sweep_and_then_stops_tune(tmp_path):
+    """Ctrl+C inside ``graceful_interrupt``: Tune's stop signal (SIGUSR1) at once, and
+    :func:`mark_stopping` tags exactly the sweep's runs still RUNNING before the context ends."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    running, done = (
+        client.create_run(exp, run_name=n, tags={PARENT_TAG: parent}).info.run_id
+        for n in ("running", "done")
+    )
+    client.set_terminated(done, status="FINISHED")
+    foreign = client.create_run(exp, run_name="foreign").info.run_id
+    stops = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stops.append(time.time()))
+    try:
+        with graceful_interrupt(lambda: mark_stopping(uri, parent)) as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.time() + 10
+            while not stops and time.time() < deadline:
+                time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert interrupted.is_set() and len(stops) == 1
+    tags = {r: client.get_run(r).data.tags.get("early_stopped") for r in (running, done, foreign)}
+    assert tags == {running: "true", done: None, foreign: None}

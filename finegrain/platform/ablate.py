@@ -399,7 +399,7 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
     from ray import tune
 
     from finegrain.platform.cluster import TRIAL_CPUS
-    from finegrain.platform.sweeps import TrialRuns, graceful_interrupt
+    from finegrain.platform.sweeps import TrialRuns, graceful_interrupt, mark_stopping
 
     trainable = tune.with_parameters(
         ablation_trial,
@@ -426,7 +426,7 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
             callbacks=[closer],
         ),
     )
-    with graceful_interrupt() as interrupted:
+    with graceful_interrupt(lambda: mark_stopping(uri, summary)) as interrupted:
         results = tuner.fit()
     if interrupted.is_set():  # Tune stopped the runs; a rerun trains the unfinished ones
         raise KeyboardInterrupt(f"suite {suite.name} interrupted; rerun it to finish")

@@ -8,7 +8,8 @@
   or the time budget stopped it earlier, FAILED with its error when it errored — so a killed
   driver leaves no finished trial RUNNING. :func:`close_stopped_children` does the same for any
   child run still RUNNING (a trial whose driver died before the callback ran).
-- :func:`graceful_interrupt`: Ctrl+C → Tune's graceful stop.
+- :func:`graceful_interrupt`: Ctrl+C → Tune's graceful stop; :func:`mark_stopping` tags the
+  trials it stops before they can close their runs as anything but KILLED.
 """
 
 from __future__ import annotations
@@ -36,24 +37,32 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def graceful_interrupt():
+def graceful_interrupt(on_interrupt: Callable[[], None] | None = None):
     """Ctrl+C → Tune's graceful stop (SIGUSR1), and an event saying that it happened.
 
     On SIGINT ``Tuner.fit`` stops the trials, saves the experiment state and *returns*, like a
     finished sweep; the sweep must then end as KILLED, not pick a "best" trial and log it. Tune's
     own SIGINT handler is turned off and ours forwards to its SIGUSR1 handler, noting the
     interrupt. A second Ctrl+C falls to the previous handler (KeyboardInterrupt).
+
+    ``on_interrupt`` (e.g. :func:`mark_stopping`) runs in a thread started at the interrupt,
+    while Tune saves its state and before it stops the trials (that takes a checkpoint first,
+    then gives each trial up to 5 s); the context waits for it on exit.
     """
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield interrupted  # signals only reach the main thread; nothing to catch
         return
     previous = signal.getsignal(signal.SIGINT)
+    helpers: list[threading.Thread] = []
 
     def on_sigint(sig, frame):
         interrupted.set()
         signal.signal(signal.SIGINT, previous)
         os.kill(os.getpid(), signal.SIGUSR1)
+        if on_interrupt is not None:  # not here: a signal handler must not wait on a socket
+            helpers.append(threading.Thread(target=_quietly, args=(on_interrupt,), daemon=True))
+            helpers[-1].start()
 
     saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -66,6 +75,34 @@ def graceful_interrupt():
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+        for helper in helpers:
+            helper.join(timeout=30)
+
+
+def _quietly(step: Callable[[], None]) -> None:
+    try:
+        step()
+    except Exception as e:  # bookkeeping never blocks a stop; the end reconciles
+        print(f"warning: {e}", flush=True)
+
+
+def mark_stopping(uri: str, parent: str) -> None:
+    """Tag every child run of ``parent`` still RUNNING ``early_stopped``: the sweep is being
+    stopped (Ctrl+C), Tune reruns these trials on ``--resume``, and whatever the trial closes
+    its run with while it is stopped ends KILLED (see :func:`tracking.close_run`): a trainer
+    killed with its trial's process would otherwise end FAILED ("its owner has died"), and a
+    trial that reported its last epoch in Tune's 5-s stop window FINISHED, then rerun."""
+    client = tracking.tracking_client(uri)
+    for run in _running_children(client, parent):
+        client.set_tag(run.info.run_id, "early_stopped", "true")
+
+
+def _running_children(client, parent: str) -> list:
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+    )
 
 
 # The store this process's sweep logs to now. A resumed sweep runs its own new local server on
@@ -193,11 +230,5 @@ class TrialRuns(Callback):
 def close_stopped_children(uri: str, parent: str) -> None:
     """End the child runs of ``parent`` still RUNNING (see :func:`close_ended_run`): their
     trials ended while nobody could close them (a driver killed mid-sweep)."""
-    client = tracking.tracking_client(uri)
-    parent_run = client.get_run(parent)
-    children = client.search_runs(
-        [parent_run.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
-    )
-    for run in children:
+    for run in _running_children(tracking.tracking_client(uri), parent):
         close_ended_run(uri, run)

@@ -290,15 +290,20 @@ def close_run(
 
     Only a RUNNING run is closed (unless ``force``): whoever ends it first — the run's own
     driver, or a sweep that saw its trial stop — decides, and a late second close cannot turn
-    a KILLED trial into FAILED; nor can a FAILED close that races with a sweep's stop (the
-    sweep tags ``early_stopped`` first: a run so tagged ends KILLED). Returns whether this call
-    closed it.
+    a KILLED trial into FAILED. A run a sweep tagged ``early_stopped`` (it is stopping the
+    trial: ASHA, the time budget, Ctrl+C) ends KILLED whatever the trial closes it with: its
+    trainer failing as it is torn down, or finishing inside Tune's stop window, is the stop.
+    Returns whether this call closed it.
     """
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
     client = tracking_client(uri)
-    if not force and not _open_and_not_stopped(client, run_id, status):
-        return False
+    if not force:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return False
+        if _stopped(run):
+            status, error = "KILLED", None
     if error is not None:
         text = (
             error
@@ -307,27 +312,21 @@ def close_run(
         )
         client.set_tag(run_id, "error", error_line(error))
         client.log_text(run_id, text, "error.txt")
-        if not force and not _open_and_not_stopped(client, run_id, status):
-            return False  # a sweep closed it as stopped while the error was being written
+        if not force and client.get_run(run_id).info.status != "RUNNING":
+            client.delete_tag(run_id, "error")  # closed meanwhile: its closer decided
+            return False
     client.set_terminated(run_id, status=status)
-    if status == "FAILED" and not force and _stopped(client, run_id):
-        # A sweep stopped the trial at the same moment (the time budget removes a trial's
-        # placement group, and its trainer then fails with ActorDiedError): its stop decides.
+    if status != "KILLED" and not force and _stopped(client.get_run(run_id)):
+        # the sweep tagged it while this close was on its way: its stop decides
         client.set_terminated(run_id, status="KILLED")
-        client.delete_tag(run_id, "error")
+        if error is not None:
+            client.delete_tag(run_id, "error")
     return True
 
 
-def _stopped(client, run_id: str) -> bool:
-    """A sweep tagged the run ``early_stopped`` (it closes it KILLED right after)."""
-    return client.get_run(run_id).data.tags.get("early_stopped") == "true"
-
-
-def _open_and_not_stopped(client, run_id: str, status: str) -> bool:
-    run = client.get_run(run_id)
-    if run.info.status != "RUNNING":
-        return False
-    return not (status == "FAILED" and run.data.tags.get("early_stopped") == "true")
+def _stopped(run) -> bool:
+    """A sweep tagged the run ``early_stopped``: it is stopping the trial."""
+    return run.data.tags.get("early_stopped") == "true"
 
 
 def error_line(error: BaseException | str) -> str:

@@ -40,6 +40,7 @@ from finegrain.platform.sweeps import (
     TrialRuns,
     close_stopped_children,
     graceful_interrupt,
+    mark_stopping,
     tracking_server,
 )
 
@@ -365,7 +366,7 @@ def run_sweep(
                 ),
             )
         try:
-            with graceful_interrupt() as interrupted:
+            with graceful_interrupt(lambda: mark_stopping(uri, parent)) as interrupted:
                 results = tuner.fit()
             if interrupted.is_set():  # Tune stopped the trials and saved its state
                 raise SweepInterrupted(name)
