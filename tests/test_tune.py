@@ -951,6 +951,23 @@ def test_a_trial_closing_its_run_while_the_sweep_stops_it_ends_killed(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: a real bug"
 
 
+def test_a_stopped_trials_run_reopened_by_resume_ends_by_its_new_outcome(tmp_path):
+    """``--resume`` reruns a trial Ctrl+C stopped (its run KILLED, tagged ``early_stopped``) or
+    that failed, reusing its run: the reopened run sheds the old tags, and finishing ends it
+    FINISHED, not KILLED by the earlier stop."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for status, tags in (("KILLED", {"early_stopped": "true"}), ("FAILED", {"error": "E: x"})):
+        first = tracking.open_run(uri, "sweep", f"rs-{status}", tmp_path, tags=tags)
+        client.set_terminated(first, status=status)
+        again = tracking.open_run(uri, "sweep", f"rs-{status}", tmp_path)
+        run = client.get_run(again)
+        assert again == first and run.info.status == "RUNNING"
+        assert not {"early_stopped", "error"} & set(run.data.tags), status
+        assert tracking.close_run(uri, again, "FINISHED")
+        assert client.get_run(again).info.status == "FINISHED"
+
+
 def test_ctrl_c_tags_the_running_trials_of_the_sweep_and_then_stops_tune(tmp_path):
     """Ctrl+C inside ``graceful_interrupt``: Tune's stop signal (SIGUSR1) at once, and
     :func:`mark_stopping` tags exactly the sweep's runs still RUNNING before the context ends."""

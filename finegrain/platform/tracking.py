@@ -258,8 +258,11 @@ def open_run(
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )
-    if found:
+    if found:  # reopened: what ended it before (a stop, an error) no longer describes it
         run_id = found[0].info.run_id
+        for stale in ("early_stopped", "error"):
+            if stale in found[0].data.tags:
+                client.delete_tag(run_id, stale)
         client.update_run(run_id, status="RUNNING")
         return run_id
     all_tags = {RUN_NAME_TAG: run_name, **source_tags(), **(tags or {})}
