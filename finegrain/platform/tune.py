@@ -516,7 +516,11 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
         )
     if not rows:
         return df
-    print(f"{len(rows)} trial(s) stopped as they reported: their epochs come from MLflow")
+    print(
+        f"note: the time budget stopped {len(rows)} trial(s) as an epoch was reported: Tune has "
+        "no result for them, so their rows below are read from their MLflow runs",
+        flush=True,
+    )
     df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
     return df.sort_values(BEST_TOP1, ascending=False).reset_index(drop=True)
 
