@@ -315,8 +315,10 @@ def close_run(
         )
         client.set_tag(run_id, "error", error_line(error))
         client.log_text(run_id, text, "error.txt")
-        if not force and client.get_run(run_id).info.status != "RUNNING":
-            client.delete_tag(run_id, "error")  # closed meanwhile: its closer decided
+        now = client.get_run(run_id).info.status
+        if not force and now != "RUNNING":  # closed meanwhile: its closer decided
+            if now == "KILLED":  # as stopped: no error to show
+                client.delete_tag(run_id, "error")
             return False
     client.set_terminated(run_id, status=status)
     if status != "KILLED" and not force and _stopped(client.get_run(run_id)):
