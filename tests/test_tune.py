@@ -11,6 +11,7 @@ every Ray process of the machine, not only ours).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -423,6 +424,7 @@ INTERNAL_LINES = (
     "ExperimentalWarning",
     "Creating initial MLflow database tables",
     "Starting execution of Dataset",
+    "Failed to fetch metrics for",  # a trial stopped before it reported: counted by the sweep
 )
 
 
@@ -902,7 +904,8 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
 
 def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):
     """Every trial is counted, including one the time budget stopped before its first epoch
-    (it has no row in the table); the baseline is not a trial."""
+    (it has no row in the table) and one it stopped before it opened its MLflow run (Tune and
+    Optuna know it, MLflow does not); the baseline is not a trial."""
     from mlflow.entities import Metric
 
     from finegrain.platform.tune import SweepResult, _outcomes
@@ -919,13 +922,57 @@ def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):
         ).info.run_id
         client.log_batch(rid, metrics=[Metric("val/top1", 9.0, 0, i + 1) for i in range(epochs)])
         client.set_terminated(rid, status)
-    outcomes = _outcomes(uri, parent)
-    assert outcomes == {"finished": 2, "stopped": 1, "unstarted": 1, "failed": 1}
+    assert _outcomes(uri, parent, trials=5) == {
+        "finished": 2, "stopped": 1, "unstarted": 1, "failed": 1
+    }  # fmt: skip
+    outcomes = _outcomes(uri, parent, trials=6)  # the sixth never opened its run
+    assert outcomes == {"finished": 2, "stopped": 1, "unstarted": 2, "failed": 1}
     line = SweepResult("sw", parent, {}, 0.0, None, uri, None, outcomes).accounting()
     assert line == (
-        "5 trials: 2 ran all their epochs, 1 stopped early (ASHA or the time budget), "
-        "1 stopped before their first epoch (the time budget), 1 failed"
+        "6 trials: 2 ran all their epochs, 1 stopped early (ASHA or the time budget), "
+        "2 stopped before their first epoch (the time budget), 1 failed"
     )
+
+
+def test_tunes_warning_on_a_trial_that_never_reported_is_dropped_and_other_failures_shown(
+    tmp_path, caplog
+):
+    """Ray's own message for a trial with no result files (the time budget stopped it before it
+    reported: the sweep counts it) is dropped; a trial whose metrics could not be read for
+    another reason still warns."""
+    from types import SimpleNamespace
+
+    from pyarrow.fs import LocalFileSystem
+    from ray.tune.analysis.experiment_analysis import ExperimentAnalysis
+
+    from finegrain.platform.logs import quiet_worker_logs
+
+    quiet_worker_logs()
+
+    def fetch(*folders):
+        trials = [
+            SimpleNamespace(
+                trial_id=f.name,
+                last_result={"trial_id": f.name},  # what Trial gives for one that never reported
+                storage=SimpleNamespace(trial_fs_path=str(f), storage_filesystem=LocalFileSystem()),
+            )
+            for f in folders
+        ]
+        analysis = SimpleNamespace(trials=trials)
+        analysis._fetch_trial_dataframe = ExperimentAnalysis._fetch_trial_dataframe.__get__(
+            analysis
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ExperimentAnalysis._fetch_trial_dataframes(analysis)
+        return [r.getMessage() for r in caplog.records if "Failed to fetch" in r.getMessage()]
+
+    unreported, broken = tmp_path / "unreported", tmp_path / "broken"
+    unreported.mkdir(), broken.mkdir()
+    (broken / "result.json").write_text("{not json\n")
+    assert fetch(unreported) == []
+    (warning,) = fetch(unreported, broken)
+    assert "2 trial(s)" in warning and "JSONDecodeError" in warning
 
 
 def test_a_trial_closing_its_run_while_the_sweep_stops_it_ends_killed(tmp_path):

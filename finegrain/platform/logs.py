@@ -44,6 +44,34 @@ class _StoppedTrialCleanup(logging.Filter):
         return not record.getMessage().startswith("Detected that the Ray Train controller actor")
 
 
+class _UnreportedTrials(logging.Filter):
+    """Drops Tune's "Failed to fetch metrics for N trial(s)" when every trial it names simply
+    never reported: the time budget stopped it in the budget's last seconds, before its first
+    epoch, so its folder has no ``result.json``/``progress.csv`` (Ray 2.60 builds the sweep's
+    ResultGrid by reading them). Ray means to skip such a trial quietly — its
+    ``_fetch_trial_dataframe`` returns an empty frame "if there were no reported results" — but
+    tests ``trial.last_result is None``, which never holds (``Trial.last_result`` falls back to
+    ``{"trial_id": …}``), so it warns instead. That is the stop we asked for, not a fault, and the
+    sweep counts such a trial in its own accounting line ("stopped before their first epoch").
+    The warning still shows when any trial's metrics failed to load for another reason.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to fetch metrics for"):
+            return True
+        failures = [line for line in message.splitlines() if line.startswith("- ")]
+        return not failures or not all(
+            "FileNotFoundError(" in line and "were not found" in line for line in failures
+        )
+
+
+def _add_filter(logger_name: str, kind: type[logging.Filter]) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
+
+
 def quiet_worker_logs() -> None:
     """Ray's INFO lines off the console, in the process that calls it."""
     # Ray Data: RAY_DATA_LOGGING above.
@@ -52,11 +80,11 @@ def quiet_worker_logs() -> None:
     # level through RunConfig(logging_config=LoggingConfig(log_level="WARNING")).)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    cleaner = logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    _add_filter(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+        _StoppedTrialCleanup,
     )
-    if not any(isinstance(f, _StoppedTrialCleanup) for f in cleaner.filters):
-        cleaner.addFilter(_StoppedTrialCleanup())
+    _add_filter("ray.tune.analysis.experiment_analysis", _UnreportedTrials)
     # Says at every ray.init that token authentication is on: the secure default of Ray 2.60,
     # which we keep (the dashboard listens on 127.0.0.1 only), no fault.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(

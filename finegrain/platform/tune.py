@@ -380,7 +380,7 @@ def run_sweep(
         settle_study(sweep_dir / "optuna.db", name, results)
         cluster.wait_released()
         table = _with_unreported(_results_table(results), uri, parent, name)
-        outcomes = _outcomes(uri, parent)
+        outcomes = _outcomes(uri, parent, trials=len(results))
         if table[BEST_TOP1].isna().all():
             raise RuntimeError(
                 "no trial finished an epoch: raise --time-budget or make trials cheaper "
@@ -406,11 +406,13 @@ def _children(client, parent: str) -> list:
     )
 
 
-def _outcomes(uri: str, parent: str) -> dict[str, int]:
-    """How the trials of the sweep ended, from their MLflow runs (all closed by now; the
+def _outcomes(uri: str, parent: str, trials: int = 0) -> dict[str, int]:
+    """How the ``trials`` Tune started ended, from their MLflow runs (all closed by now; the
     baseline is not a trial): ``finished`` (FINISHED: every epoch), ``stopped`` (KILLED after at
     least one epoch), ``unstarted`` (KILLED before its first: only the time budget or an
-    interrupt stops a trial that has not reported) and ``failed``."""
+    interrupt stops a trial that has not reported) and ``failed``. A trial the time budget
+    stopped before it even opened its MLflow run (it started in the budget's last seconds) has
+    no run: it is counted ``unstarted`` too, so the counts add up to what Tune and Optuna ran."""
     client = tracking.tracking_client(uri)
     children = _children(client, parent)
     counts = dict.fromkeys(("finished", "stopped", "unstarted", "failed"), 0)
@@ -426,6 +428,7 @@ def _outcomes(uri: str, parent: str) -> dict[str, int]:
             counts["stopped"] += 1
         else:
             counts["unstarted"] += 1
+    counts["unstarted"] += max(0, trials - sum(counts.values()))
     return counts
 
 
