@@ -58,3 +58,14 @@ def pytest_runtest_setup(item):
     grouped = getattr(item.config.option, "loadgroup", False)  # set on xdist workers, loadgroup
     if grouped and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
         pytest.fail("pytest-xdist did not apply this test's xdist_group (pytest/xdist versions?)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The minutes-long (`slow`) tests first, in their files' order, then the short ones.
+
+    Under `-n 2` a worker is handed the next test when its queue runs low, so what is collected
+    last runs last: test_tune.py's sweeps (5 minutes each under CI's load) were, and one worker
+    ran them alone while the other had finished. With the long tests handed out first, the
+    hundreds of short ones fill in behind them and both workers end together. (pytest-xdist
+    still sends the `two_epoch_run` group, the largest, ahead of everything.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
