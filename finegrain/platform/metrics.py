@@ -16,10 +16,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-)
 
 
 def average_views(
@@ -45,6 +41,14 @@ def classification_metrics(
 ) -> dict:
     """Scalars under their MLflow names (``loss``: cross-entropy of the view-averaged
     probabilities), plus ``confusion`` (K, K) and ``per_class`` (K,)."""
+    # imported here, not with the module: torchmetrics imports scipy.signal and matplotlib
+    # (~2 s on a 2-core machine), which the processes that only import this module for its
+    # names — every Tune trial's actor, every command's driver — never use
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+    )
+
     k = num_classes
     out: dict = {
         "top1": multiclass_accuracy(probs, labels, k, average="micro").item(),

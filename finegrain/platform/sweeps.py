@@ -83,7 +83,11 @@ def _quietly(step: Callable[[], None]) -> None:
     try:
         step()
     except Exception as e:  # bookkeeping never blocks a stop; the end reconciles
-        print(f"warning: {e}", flush=True)
+        print(
+            f"warning: could not tag the running trials as stopping ({type(e).__name__}: {e}); "
+            "the sweep closes their runs when it ends",
+            flush=True,
+        )
 
 
 def mark_stopping(uri: str, parent: str) -> None:
@@ -94,7 +98,7 @@ def mark_stopping(uri: str, parent: str) -> None:
     trial that reported its last epoch in Tune's 5-s stop window FINISHED, then rerun."""
     client = tracking.tracking_client(uri)
     for run in _running_children(client, parent):
-        client.set_tag(run.info.run_id, "early_stopped", "true")
+        client.set_tag(run.info.run_id, tracking.EARLY_STOPPED_TAG, "true")
 
 
 def _running_children(client, parent: str) -> list:
@@ -181,7 +185,7 @@ def close_ended_run(uri: str, run, error: Any = None) -> str | None:
     if total is not None and done >= int(total):
         tracking.close_run(uri, run_id, "FINISHED")
         return "FINISHED"
-    client.set_tag(run_id, "early_stopped", "true")
+    client.set_tag(run_id, tracking.EARLY_STOPPED_TAG, "true")
     tracking.close_run(uri, run_id, "KILLED")
     return "KILLED"
 

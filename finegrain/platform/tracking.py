@@ -53,6 +53,8 @@ from finegrain.platform.paths import artifact_root, project_root, run_root  # no
 # them from here keep working.
 
 RUN_NAME_TAG = "finegrain.run_name"
+# set ("true") on a run whose trial a sweep or suite is stopping: it ends KILLED (see close_run)
+EARLY_STOPPED_TAG = "early_stopped"
 
 
 def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -260,7 +262,7 @@ def open_run(
     )
     if found:  # reopened: what ended it before (a stop, an error) no longer describes it
         run_id = found[0].info.run_id
-        for stale in ("early_stopped", "error"):
+        for stale in (EARLY_STOPPED_TAG, "error"):
             if stale in found[0].data.tags:
                 client.delete_tag(run_id, stale)
         client.update_run(run_id, status="RUNNING")
@@ -331,7 +333,7 @@ def close_run(
 
 def _stopped(run) -> bool:
     """A sweep tagged the run ``early_stopped``: it is stopping the trial."""
-    return run.data.tags.get("early_stopped") == "true"
+    return run.data.tags.get(EARLY_STOPPED_TAG) == "true"
 
 
 def error_line(error: BaseException | str) -> str:
