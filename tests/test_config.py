@@ -45,6 +45,7 @@ def test_method_options_are_flat_in_the_model_section_and_typed():
         ("data.crop=100", "data.crop (100) must be <= data.short_side"),
         ("model.backbone=r3d_18", "model.width applies to the tiny backbone"),
         ("data.synthetic.classes=40", "data.synthetic.classes: Input should be less than or equal"),
+        ("data.read_cpus=0", "data.read_cpus: Input should be greater than or equal to 0.05"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override, message):

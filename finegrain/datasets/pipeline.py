@@ -168,7 +168,7 @@ class ClipConfig:
         _check_range("cpus_per_actor", self.cpus_per_actor, 0.05, 64.0, float)
         _check_range("decode_threads", self.decode_threads, 0, 64)
         _check_range("decode_batch", self.decode_batch, 1, 4096)
-        _check_range("read_cpus", self.read_cpus, 0.0, 64.0, float)
+        _check_range("read_cpus", self.read_cpus, 0.05, 64.0, float)  # 0: unlimited tasks
 
     def views(self, train: bool) -> int:
         """Views emitted per video: 1 when training, ``n_clips * n_crops`` for evaluation."""

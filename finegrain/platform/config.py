@@ -80,11 +80,13 @@ class DataConfig(_Section):
     # thread; the reservation is a scheduling token), videos per actor call, the Ray CPUs of
     # a shard-read task
     decode_actors: int = Field(1, ge=1, le=256)
-    decode_cpus: float = Field(0.5, gt=0, le=64)
+    decode_cpus: float = Field(0.5, ge=0.05, le=64)
     # 16 keeps small data pipelined (tests, the demo); the paper configs read large datasets
     # with 32 (README, Speed: 261 clips/s against 185 at 16 on 2 cores)
     decode_batch: int = Field(16, ge=1, le=4096)
-    read_cpus: float = Field(0.25, ge=0, le=64)
+    # not 0: Ray schedules 0-CPU tasks without limit, and Ray Data then started ~80 read
+    # processes on 2 cores (measured) until workers aborted
+    read_cpus: float = Field(0.25, ge=0.05, le=64)
     # the previous epoch's training batches kept (uint8, CPU) for work between epochs (U2S's
     # category similarity matrix): all of them when they fit, else a uniform sample
     replay_mb: int = Field(256, ge=1, le=1 << 20)
