@@ -202,3 +202,36 @@ def test_a_killed_executions_data_reservation_is_given_back_within_a_minute():
             time.sleep(2)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_placement_group_left_with_no_actor_to_remove_it_is_removed_after_the_sweep(capsys):
+    """Ray Train registers a run's placement group with its cleaner only once the workers have
+    started: a trial stopped while they start leaves the group reserved with no controller and
+    no cleaner (the demo's baseline then waited forever for its CPU). After a sweep, a group
+    is kept while an actor of the job lives (a cleaner may still be removing it) and removed
+    once none does."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    cluster.connect(num_cpus=2)
+    try:
+        group = placement_group([{"CPU": 1}])  # as a stopped trial's trainer leaves it
+        ray.get(group.ready(), timeout=60)
+
+        @ray.remote(num_cpus=0)
+        class Alive:
+            def ping(self):
+                return True
+
+        alive = Alive.remote()
+        ray.get(alive.ping.remote())
+        assert not cluster.wait_released(timeout=3)  # an actor lives: the group is not touched
+        assert len(cluster.live_placement_groups()) == 1
+        ray.kill(alive)
+        assert cluster.wait_released(timeout=60)
+        assert cluster.live_placement_groups() == {}
+        assert "note: removed placement group" in capsys.readouterr().out
+        assert ray.available_resources().get("CPU") == 2.0
+    finally:
+        ray.shutdown()

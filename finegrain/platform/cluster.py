@@ -344,19 +344,47 @@ def _running(pid: int | None) -> bool:
 def wait_released(timeout: float = 30.0) -> bool:
     """Wait until this job holds no placement group and runs no actor any more (its runs are
     over, Tune and Ray Train gave their reservations back, no worker is still starting);
-    else print what is left and return False."""
+    else print what is left and return False.
+
+    Called once a sweep or suite has ended, when no run of the job is left to use a placement
+    group. A group still held when no actor of the job is alive any more is an orphan, and is
+    removed here: Ray Train (2.60) registers a run's worker-group placement group with its
+    cleaner only once the workers have *started*, so a trial stopped while its workers start
+    (the time budget ending just then; ~10 s per trial on 2 cores) leaves its group reserved,
+    with no controller and no cleaner left to remove it (measured: the demo's one-pass baseline
+    then waited forever for the CPU it held)."""
     deadline = time.monotonic() + timeout
-    while (groups := live_placement_groups()) or (actors := live_actors()):
+    removed: set[str] = set()
+    while True:
+        groups, actors = live_placement_groups(), live_actors()
+        if not groups and not actors:
+            return True
+        if not actors and (orphans := {k: g for k, g in groups.items() if k not in removed}):
+            _remove_orphans(orphans)
+            removed |= set(orphans)
         if time.monotonic() > deadline:
             left = [
                 f"placement group {pg_id[:12]}… {g.get('state')} "
                 f"{list(g.get('bundles', {}).values())}"
                 for pg_id, g in groups.items()
-            ] + (actors if not groups else [])
+            ] + actors
             print(
                 f"warning: {timeout:.0f} s after the end, this job still holds: " + ", ".join(left),
                 flush=True,
             )
             return False
         time.sleep(0.5)
-    return True
+
+
+def _remove_orphans(groups: dict[str, dict]) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, group in groups.items():
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+        print(
+            f"note: removed placement group {pg_id[:12]}… {list(group.get('bundles', {}).values())}"
+            ", left by a trial stopped while its training workers started (no actor of this "
+            "job was left to remove it)",
+            flush=True,
+        )
