@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,10 @@ def test_a_placement_group_left_with_no_actor_to_remove_it_is_removed_after_the_
 
         alive = Alive.remote()
         ray.get(alive.ping.remote())
+        deadline = time.monotonic() + 120  # the State API of a just-started Ray, under load
+        while not any("Alive" in a for a in cluster.live_actors() or []):
+            assert time.monotonic() < deadline, "the State API never listed the live actor"
+            time.sleep(1)
         assert not cluster.wait_released(timeout=3)  # an actor lives: the group is not touched
         assert len(cluster.live_placement_groups()) == 1
         ray.kill(alive)

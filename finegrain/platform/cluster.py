@@ -295,20 +295,25 @@ def live_placement_groups() -> dict[str, dict]:
 _JOB_LONG_ACTORS = ("_AutoscalingCoordinatorActor",)
 
 
-def live_actors() -> list[str]:
+def live_actors() -> list[str] | None:
     """This job's actors that are alive or being created, other than those that live as long
-    as the job by design; [] without the State API."""
+    as the job by design; None when the State API does not answer."""
     import ray
 
     try:
         from ray.util.state import list_actors
 
+        context = ray.get_runtime_context()
         actors = list_actors(
-            filters=[("job_id", "=", ray.get_runtime_context().get_job_id())],
+            # its own cluster's address: without one, the State API client finds the cluster
+            # by listing the machine's GCS processes and fails ("Found multiple active Ray
+            # instances") whenever another Ray runs here (another command, the other test worker)
+            address=context.gcs_address,
+            filters=[("job_id", "=", context.get_job_id())],
             raise_on_missing_output=False,
         )
-    except Exception:  # no dashboard (State API): nothing to wait for
-        return []
+    except Exception:  # no dashboard (State API), or it did not answer
+        return None
     here = ray.get_runtime_context().get_node_id()
     left = []
     for a in actors:
@@ -357,9 +362,10 @@ def wait_released(timeout: float = 30.0) -> bool:
     removed: set[str] = set()
     while True:
         groups, actors = live_placement_groups(), live_actors()
-        if not groups and not actors:
+        if not groups and not actors:  # (without the State API: nothing to wait for)
             return True
-        if not actors and (orphans := {k: g for k, g in groups.items() if k not in removed}):
+        # only when the State API says so: a cleaner may still be removing the group
+        if actors == [] and (orphans := {k: g for k, g in groups.items() if k not in removed}):
             _remove_orphans(orphans)
             removed |= set(orphans)
         if time.monotonic() > deadline:
@@ -367,7 +373,7 @@ def wait_released(timeout: float = 30.0) -> bool:
                 f"placement group {pg_id[:12]}… {g.get('state')} "
                 f"{list(g.get('bundles', {}).values())}"
                 for pg_id, g in groups.items()
-            ] + actors
+            ] + (actors or [])
             print(
                 f"warning: {timeout:.0f} s after the end, this job still holds: " + ", ".join(left),
                 flush=True,
