@@ -369,11 +369,7 @@ def wait_released(timeout: float = 30.0) -> bool:
             _remove_orphans(orphans)
             removed |= set(orphans)
         if time.monotonic() > deadline:
-            left = [
-                f"placement group {pg_id[:12]}… {g.get('state')} "
-                f"{list(g.get('bundles', {}).values())}"
-                for pg_id, g in groups.items()
-            ] + (actors or [])
+            left = [_describe(pg_id, g) for pg_id, g in groups.items()] + (actors or [])
             print(
                 f"warning: {timeout:.0f} s after the end, this job still holds: " + ", ".join(left),
                 flush=True,
@@ -389,8 +385,12 @@ def _remove_orphans(groups: dict[str, dict]) -> None:
     for pg_id, group in groups.items():
         remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
         print(
-            f"note: removed placement group {pg_id[:12]}… {list(group.get('bundles', {}).values())}"
-            ", left by a trial stopped while its training workers started (no actor of this "
-            "job was left to remove it)",
+            f"note: removed {_describe(pg_id, group)}, left by a trial stopped while its training "
+            "workers started (no actor of this job was left to remove it)",
             flush=True,
         )
+
+
+def _describe(pg_id: str, group: dict) -> str:
+    bundles = list(group.get("bundles", {}).values())
+    return f"placement group {pg_id[:12]}… {group.get('state')} {bundles}"
