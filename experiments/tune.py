@@ -104,9 +104,9 @@ def report(result) -> None:
 
     print(f"\nsweep {result.name}: {result.accounting()}")
     print(result.table.head(10).to_string(index=False))
-    print("\nbest configuration:")
+    print("\nbest configuration (exact values: the parent run's best_config.yaml):")
     for k, v in result.best_params.items():
-        print(f"  {k} = {v}")
+        print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
     line = f"best val top-1: {result.best_top1:.1f}%"
     if result.baseline_top1 is not None:
         line += f"   one-pass baseline: {result.baseline_top1:.1f}%"

@@ -100,6 +100,7 @@ class RunResources:
     decode_cpus: float
     read_cpus: float
     trial_cpus: float
+    threads_per_worker: int = 1  # torch intra-op threads of each worker
 
     @property
     def data_cpus(self) -> float:
@@ -119,6 +120,7 @@ class RunResources:
         parts = [
             f"{_n(w, 'worker')} ({_g(self.cpus_per_worker)} CPU"
             + (f", {_g(self.gpus_per_worker)} GPU" if self.gpus_per_worker else "")
+            + (f", {self.threads_per_worker} threads" if self.threads_per_worker > 1 else "")
             + " each)",
             f"{_n(a, 'decode actor')} ({_g(self.decode_cpus)} CPU each)",
             f"{_n(w, 'read task')} ({_g(self.read_cpus)} CPU each)",
@@ -147,6 +149,7 @@ def run_resources(cfg: ExperimentConfig, *, in_trial: bool) -> RunResources:
         decode_cpus=cfg.data.decode_cpus,
         read_cpus=cfg.data.read_cpus,
         trial_cpus=TRIAL_CPUS if in_trial else 0.0,
+        threads_per_worker=cfg.scaling.threads_per_worker,
     )
 
 

@@ -180,7 +180,8 @@ class SweepResult:
         return (
             f"{n} trial{'s' * (n != 1)}: {o.get('finished', 0)} ran all their epochs, "
             f"{o.get('stopped', 0)} stopped early (ASHA or the time budget), "
-            f"{o.get('unstarted', 0)} stopped before their first epoch (the time budget), "
+            f"{o.get('unstarted', 0)} stopped before "
+            f"{'its' if o.get('unstarted', 0) == 1 else 'their'} first epoch (the time budget), "
             f"{o.get('failed', 0)} failed"
         )
 
