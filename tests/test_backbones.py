@@ -195,3 +195,21 @@ def test_mismatched_weights_are_rejected(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read weights .*garbage.pt"):
         build_backbone("tiny", weights=garbage)
+
+
+def test_the_registry_and_the_trial_path_do_not_import_torchvisions_models():
+    """A Tune trial's actor and Ray Train's controller import the training module and the
+    registry but build no backbone: ``torchvision.models`` (which loads ``torch._dynamo``,
+    ~2 s) is imported when a backbone is built, not before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, finegrain.platform.tune, finegrain.platform.train; "
+        "from finegrain.models import build_model; "
+        "assert 'torchvision.models' not in sys.modules, 'imported'; "
+        "build_model('onepass', num_classes=3, backbone='tiny', width=2); "
+        "assert 'torchvision.models' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -43,11 +43,23 @@ import inspect
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import video as tvv
-from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
+
+if TYPE_CHECKING:
+    from torchvision.models.video import MViT
+
+
+def _video_models():
+    """torchvision's video models, imported when a backbone is built, not with the registry:
+    ``torchvision.models`` loads ``torch._dynamo`` (~2 s on this machine), which the processes
+    that only read the registry (every driver, each Tune trial's actor, Ray Train's
+    controller) never use."""
+    from torchvision.models import video
+
+    return video
 
 
 class Backbone(nn.Module):
@@ -115,6 +127,8 @@ def _res_stage(inplanes: int, planes: int, stride: tuple[int, int, int], blocks:
             nn.Conv3d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
             nn.BatchNorm3d(planes),
         )
+    from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
+
     layers = [BasicBlock(inplanes, planes, Conv3DSimple, stride, downsample)]
     layers += [BasicBlock(planes, planes, Conv3DSimple) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
@@ -155,7 +169,7 @@ def video_resnet(name: str, keep_time: bool = False) -> Backbone:
     """``r3d_18``, ``mc3_18`` or ``r2plus1d_18``: stem + layer1..4."""
     if not isinstance(keep_time, bool):
         raise ValueError(f"keep_time must be a bool, got {keep_time!r}")
-    net = getattr(tvv, name)(weights=None)
+    net = getattr(_video_models(), name)(weights=None)
     stages = [net.layer1, net.layer2, net.layer3, net.layer4]
     if keep_time:
         for stage in stages[2:]:
@@ -168,7 +182,7 @@ def video_resnet(name: str, keep_time: bool = False) -> Backbone:
 
 def s3d() -> Backbone:
     """S3D's ``features`` split after the three resolution levels of its inception blocks."""
-    net = tvv.s3d(weights=None)
+    net = _video_models().s3d(weights=None)
     f = net.features
     return _wrap(Backbone("s3d", f[:5], [f[5:7], f[7:13], f[13:16]], [480, 832, 1024]), net)
 
@@ -198,7 +212,7 @@ class _SwinStem(nn.Module):
 
 def swin3d(name: str) -> Backbone:
     """``swin3d_t/s/b``: patch embedding; four stages (patch merging + blocks; the last + norm)."""
-    net = getattr(tvv, name)(weights=None)
+    net = getattr(_video_models(), name)(weights=None)
     feats = list(net.features)  # stage, merge, stage, merge, stage, merge, stage
     stages, chans = [], []
     for k in range(0, len(feats), 2):
@@ -234,7 +248,7 @@ class _MViTTokens(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *thw)
 
 
-def mvit(net: tvv.MViT, name: str) -> Backbone:
+def mvit(net: MViT, name: str) -> Backbone:
     """Wrap a torchvision MViT with relative position embeddings as a one-stage backbone."""
     if net.pos_encoding.spatial_pos is not None:
         raise ValueError(f"{name}: only MViT with relative position embeddings (v2) is supported")
@@ -246,7 +260,7 @@ def mvit(net: tvv.MViT, name: str) -> Backbone:
 
 
 def mvit_v2_s() -> Backbone:
-    return mvit(tvv.mvit_v2_s(weights=None), "mvit_v2_s")
+    return mvit(_video_models().mvit_v2_s(weights=None), "mvit_v2_s")
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
