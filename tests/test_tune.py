@@ -426,6 +426,7 @@ INTERNAL_LINES = (
     "Creating initial MLflow database tables",
     "Starting execution of Dataset",
     "Failed to fetch metrics for",  # a trial stopped before it reported: counted by the sweep
+    "Tuner.restore(",  # Tune's resume hint for its Python API: ours is --resume NAME
 )
 
 
@@ -1045,3 +1046,22 @@ def test_ctrl_c_tags_the_running_trials_of_the_sweep_and_then_stops_tune(tmp_pat
     assert interrupted.is_set() and len(stops) == 1
     tags = {r: client.get_run(r).data.tags.get("early_stopped") for r in (running, done, foreign)}
     assert tags == {running: "true", done: None, foreign: None}
+
+
+def test_tunes_python_resume_hint_is_dropped_and_its_other_warnings_shown(caplog):
+    """After Ctrl+C Tune tells the user to call ``Tuner.restore(path, trainable=...)``; our
+    command prints its own ``--resume NAME`` right after, so Tune's hint is dropped, and only
+    that line of Tune's."""
+    import logging
+
+    from finegrain.platform.logs import quiet_worker_logs
+
+    quiet_worker_logs()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    with caplog.at_level(logging.WARNING, logger="ray.tune.tune"):
+        tune_logger.warning(
+            "Experiment has been interrupted, but the most recent state was saved.\n"
+            'Resume experiment with: Tuner.restore(path="/x", trainable=...)'
+        )
+        tune_logger.warning("Trials did not complete: [t1]")
+    assert [r.getMessage() for r in caplog.records] == ["Trials did not complete: [t1]"]

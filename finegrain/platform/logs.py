@@ -66,6 +66,21 @@ class _UnreportedTrials(logging.Filter):
         )
 
 
+class _TuneRestoreHint(logging.Filter):
+    """Drops Tune's "Experiment has been interrupted, but the most recent state was saved.
+    Resume experiment with: Tuner.restore(path=…, trainable=…)" after Ctrl+C. The state is
+    saved, as it says; the hint is for Tune's Python API, which a user of our commands cannot
+    run as written (it needs the sweep's trainable). Our sweeps and suites print their own
+    resume command right after it (``--resume NAME``, which calls ``Tuner.restore`` with the
+    trainable; the suites': rerun the same command), so the console gives one instruction,
+    the one that works. Tune's other interrupt messages still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "Experiment has been interrupted, but the most recent state was saved"
+        )
+
+
 def _add_filter(logger_name: str, kind: type[logging.Filter]) -> None:
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, kind) for f in logger.filters):
@@ -85,6 +100,7 @@ def quiet_worker_logs() -> None:
         _StoppedTrialCleanup,
     )
     _add_filter("ray.tune.analysis.experiment_analysis", _UnreportedTrials)
+    _add_filter("ray.tune.tune", _TuneRestoreHint)
     # Says at every ray.init that token authentication is on: the secure default of Ray 2.60,
     # which we keep (the dashboard listens on 127.0.0.1 only), no fault.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
