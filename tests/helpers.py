@@ -19,8 +19,6 @@ TINY_RUN = [
     "model.width=4",
     "model.weights=null",  # the project's pretrained weights are for width 16
     "eval.batch_size=8",
-    # one torch thread a worker: two test processes share the 2 cores (tune_synthetic sets 2)
-    "scaling.threads_per_worker=1",
 ]
 
 

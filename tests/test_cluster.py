@@ -40,10 +40,13 @@ def test_run_resources_count_workers_decoders_reads_and_the_trial():
         in_trial=False,
     )
     assert two.cpus == pytest.approx(2 * 1.75) and two.gpus == 2
-    # tune_synthetic's workers take 2 torch threads; one thread is not worth a word
-    assert "2 workers (1 CPU, 1 GPU, 2 threads each) + 2 decode actors" in two.describe()
-    one = cluster.run_resources(load_config("synthetic", ["scaling.workers=1"]), in_trial=False)
-    assert "1 worker (1 CPU each) + 1 decode actor" in one.describe()
+    assert "2 workers (1 CPU, 1 GPU each) + 2 decode actors" in two.describe()
+    # more than one torch thread a worker is said (one is not worth a word)
+    threads = load_config("synthetic", ["scaling.workers=1", "scaling.threads_per_worker=2"])
+    assert (
+        "1 worker (1 CPU, 2 threads each) + 1 decode actor"
+        in cluster.run_resources(threads, in_trial=False).describe()
+    )
 
 
 def test_concurrency_is_what_the_cluster_holds_at_least_one_and_printed(monkeypatch, capsys):

@@ -62,7 +62,6 @@ TINY = [
     "optim.batch_size=4",
     "eval.batch_size=8",
     "model.width=4",
-    "scaling.threads_per_worker=1",  # two test processes share the 2 cores
 ]
 SPACE = {
     "model.neurons": {"type": "int", "low": 2, "high": 3},
