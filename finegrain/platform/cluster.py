@@ -77,40 +77,16 @@ def connect(
             log_to_driver=log_to_driver,
             logging_level="warning",
         )
-    else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
-            dashboard_host="127.0.0.1",
-            runtime_env=env,
-            log_to_driver=log_to_driver,
-            logging_level="warning",
-        )
-    start_data_actors()
-
-
-def start_data_actors() -> None:
-    """Start Ray Data's two per-cluster actors (its stats actor and its actor-location tracker)
-    from this driver, outside any placement group.
-
-    Ray Data starts them on first use, detached and named, from the process that uses it first.
-    In a run that is a process of the run's Ray Train worker group, and they land in the run's
-    placement group (Ray's state dump lists them in its bundle) and are killed when the group is
-    removed: every trial of a sweep and every run of a suite or test module started both again
-    (two more processes per run, measured: new PIDs at every trial, SIGTERM at its end). Started
-    here, each run finds them (``get_if_exists``). These are Ray Data's own private helpers
-    (Ray is pinned): if they moved, Ray Data starts the actors itself, as before.
-    """
-    try:
-        from ray.data._internal.execution.node_trackers.actor_location import (
-            get_or_create_actor_location_tracker,
-        )
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError:
         return
-    get_or_create_stats_actor()
-    get_or_create_actor_location_tracker()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=log_to_driver,
+        logging_level="warning",
+    )
 
 
 @dataclass(frozen=True)
