@@ -317,7 +317,7 @@ def live_actors() -> list[str] | None:
         )
     except Exception:  # no dashboard (State API), or it did not answer
         return None
-    here = ray.get_runtime_context().get_node_id()
+    here = context.get_node_id()
     left = []
     for a in actors:
         long_lived = (a.name or "").startswith("finegrain-mlflow-") or (

@@ -176,13 +176,12 @@ class SweepResult:
         their epochs, 2 stopped early (ASHA or the time budget), 1 stopped before its first
         epoch (the time budget), 0 failed"."""
         o = self.outcomes
-        n = sum(o.values())
+        n, unstarted = sum(o.values()), o.get("unstarted", 0)
         return (
             f"{n} trial{'s' * (n != 1)}: {o.get('finished', 0)} ran all their epochs, "
             f"{o.get('stopped', 0)} stopped early (ASHA or the time budget), "
-            f"{o.get('unstarted', 0)} stopped before "
-            f"{'its' if o.get('unstarted', 0) == 1 else 'their'} first epoch (the time budget), "
-            f"{o.get('failed', 0)} failed"
+            f"{unstarted} stopped before {'its' if unstarted == 1 else 'their'} first epoch "
+            f"(the time budget), {o.get('failed', 0)} failed"
         )
 
 
