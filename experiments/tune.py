@@ -34,7 +34,7 @@ def parse_args(argv=None, method: str | None = None) -> argparse.Namespace:
                    help="at most this many trials at once (default: as many as the cluster holds)")  # fmt: skip
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-worker", type=float, default=None)
-    p.add_argument("--time-budget", type=float, default=480, help="seconds for the search (480)")
+    p.add_argument("--time-budget", type=float, default=450, help="seconds for the search (450)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP",
                    help="continue an interrupted sweep (default: the latest)")  # fmt: skip
     p.add_argument("--name", default=None, help="sweep name (default tune-METHOD-TIMESTAMP)")

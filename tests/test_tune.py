@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -37,6 +38,7 @@ from finegrain.platform import tracking
 from finegrain.platform.config import ConfigError, load_config
 from finegrain.platform.sweeps import close_stopped_children, graceful_interrupt, mark_stopping
 from finegrain.platform.tune import (
+    ComparedASHA,
     DefineByRun,
     _resolve_resume,
     apply_params,
@@ -154,6 +156,46 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
     assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
     assert study.trials[0].intermediate_values == {1: 20.0}
     assert study.trials[1].value == 40.0
+
+
+def test_asha_sends_no_trial_past_the_first_rung_before_a_quorum_has_reached_it():
+    """One trial at a time: Ray's ASHA let the first trial train every epoch whatever its score;
+    here the first rung needs η (= 3) trials before any goes on, then Ray's rule applies."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+    def asha(quorum: int) -> ComparedASHA:
+        return ComparedASHA(
+            time_attr="training_iteration", metric="val/top1", mode="max", max_t=4,
+            grace_period=1, reduction_factor=3, quorum=quorum,
+        )  # fmt: skip
+
+    def result(epoch: int, top1: float) -> dict:
+        return {"training_iteration": epoch, "val/top1": top1}
+
+    scheduler = asha(quorum=3)
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(4)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, trials[0], result(1, 50.0)) == stop  # the best, alone
+    assert scheduler.on_trial_result(None, trials[1], result(1, 10.0)) == stop
+    # the third makes the quorum and goes on by Ray's rule (above the 2/3 percentile of 50, 10)
+    assert scheduler.on_trial_result(None, trials[2], result(1, 40.0)) == go
+    assert scheduler.on_trial_result(None, trials[2], result(2, 45.0)) == go
+    assert scheduler.on_trial_result(None, trials[2], result(3, 48.0)) == go  # first at rung 3
+    assert scheduler.on_trial_result(None, trials[2], result(4, 49.0)) == stop  # max_t
+    assert scheduler.on_trial_result(None, trials[3], result(1, 20.0)) == stop  # below the cut
+    # Tune pickles the scheduler into the sweep's state: --resume keeps who reached the rung
+    restored = pickle.loads(pickle.dumps(scheduler))
+    assert restored._reached == {"t0", "t1", "t2", "t3"}
+
+    # a one-trial sweep (quorum = num_samples = 1) is not stopped by a quorum it cannot reach
+    single = asha(quorum=1)
+    single.on_trial_add(None, trials[0])
+    assert single.on_trial_result(None, trials[0], result(1, 5.0)) == go
 
 
 def test_trials_the_time_budget_stopped_are_settled_in_optuna_when_the_sweep_ends(tmp_path):
