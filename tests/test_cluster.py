@@ -164,6 +164,35 @@ def test_a_runs_cleaner_finds_its_own_cluster_while_another_ray_runs():
     assert alive and not gone
 
 
+def test_a_local_ray_starts_no_mlflow_relay_and_neither_do_its_workers():
+    """The relay serves processes on other nodes; a Ray that `connect` starts here has one node,
+    so neither its driver nor a trial's process (a worker) starts one — and the driver does not
+    carry that into another cluster it joins later (test_tune's two-node test needs one)."""
+    import ray
+
+    from finegrain.platform import tracking
+
+    uri = "http://127.0.0.1:1"  # a store on the loopback: what a relay would serve
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.connect(num_cpus=1)
+    try:
+        tracking.start_relay(uri)
+        ray.get(ray.remote(num_cpus=0)(tracking.start_relay).remote(uri))  # as a trial does
+        with pytest.raises(ValueError):
+            ray.get_actor(tracking._relay_name(uri))
+        assert tracking.ONE_NODE_ENV not in os.environ  # only the raylet and its workers had it
+    finally:
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # not connect's: may grow
+    try:
+        tracking.start_relay(uri)
+        assert ray.get_actor(tracking._relay_name(uri)) is not None
+    finally:
+        tracking._OWNED.pop(uri, None)
+        ray.shutdown()
+
+
 def test_a_killed_executions_data_reservation_is_given_back_within_a_minute():
     """A trial Tune stops is killed: its Ray Data executions cannot cancel their requests at
     the job's AutoscalingCoordinator, whose share of the cluster then starved the next trial's

@@ -78,15 +78,28 @@ def connect(
             logging_level="warning",
         )
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
-        dashboard_host="127.0.0.1",
-        runtime_env=env,
-        log_to_driver=log_to_driver,
-        logging_level="warning",
-    )
+    from finegrain.platform import tracking
+
+    # one node: the raylet this starts (so every worker) inherits ONE_NODE_ENV; this process
+    # keeps the cluster's address instead (see tracking.ONE_NODE_ENV)
+    saved = os.environ.get(tracking.ONE_NODE_ENV)
+    os.environ[tracking.ONE_NODE_ENV] = "1"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=True,  # the State API: Ray Train's placement-group cleaner needs it
+            dashboard_host="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=log_to_driver,
+            logging_level="warning",
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(tracking.ONE_NODE_ENV, None)
+        else:
+            os.environ[tracking.ONE_NODE_ENV] = saved
+    tracking.mark_one_node(ray.get_runtime_context().gcs_address)
 
 
 @dataclass(frozen=True)
