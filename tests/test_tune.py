@@ -215,6 +215,7 @@ def test_trials_the_time_budget_stopped_are_settled_in_optuna_when_the_sweep_end
         "early": {"val/top1": 20.0, "epoch": 1, "total_epochs": 2},
         "error": {"val/top1": 10.0, "epoch": 1, "total_epochs": 2},
         "told": {"val/top1": 30.0, "epoch": 2, "total_epochs": 2},  # its end reached Optuna
+        "last": {"val/top1": 25.0, "epoch": 1, "total_epochs": 2},
         "unreported": {},  # stopped before its first epoch
     }
     for trial_id, last in ends.items():
@@ -227,13 +228,18 @@ def test_trials_the_time_budget_stopped_are_settled_in_optuna_when_the_sweep_end
         for t, m in ends.items()
     ]
     results[2].error = RuntimeError("worker died")
-    assert settle_study(tmp_path / "o.db", "s", results) == {"COMPLETE": 1, "PRUNED": 2, "FAIL": 1}
+    # "last": the budget stopped it as its last epoch was reported; its MLflow run has epoch 2
+    logged = {"all": (2, 40.0), "early": (1, 20.0), "last": (2, 35.0)}
+    assert settle_study(tmp_path / "o.db", "s", results, logged) == {
+        "COMPLETE": 2, "PRUNED": 2, "FAIL": 1
+    }  # fmt: skip
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}")
     assert [t.state for t in study.trials] == [
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE,
-        TrialState.PRUNED,
+        TrialState.COMPLETE, TrialState.PRUNED,
     ]  # fmt: skip
     assert study.trials[0].value == 40.0 and study.trials[1].value == 20.0  # its last epoch's
+    assert study.trials[4].value == 35.0  # from its MLflow run, not Tune's epoch-1 report
     assert settle_study(tmp_path / "o.db", "s", results) == {}  # nothing left to settle
 
 
@@ -914,19 +920,23 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     assert stopped.data.metrics["sys/bad_videos"] == 1  # counted as met, not lost with the trial
 
 
-def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
-    """A trial the time budget stopped just as its epoch ended has no result in Tune, but its
-    epoch is in its MLflow run: the sweep's table lists it from there."""
+def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path, capsys):
+    """A trial the time budget stopped just as its epoch ended has no result in Tune (or one
+    epoch less than it ran), but its epoch is in its MLflow run: the sweep's table lists it from
+    there, and the best configuration is the reconciled table's."""
+    from types import SimpleNamespace
+
     import pandas as pd
     from mlflow.entities import Metric, Param
 
-    from finegrain.platform.tune import _with_unreported
+    from finegrain.platform.tune import _best, _with_unreported
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("s", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, run_name="sw").info.run_id
-    for trial, curve in {"aaa": [30.0, 50.0], "bbb": [20.0], "ccc": []}.items():
+    curves = {"aaa": [30.0, 50.0], "bbb": [20.0], "ccc": [], "ddd": [10.0, 60.0]}
+    for trial, curve in curves.items():
         rid = client.create_run(
             exp, run_name=f"sw-{trial}", tags={"mlflow.parentRunId": parent}
         ).info.run_id
@@ -937,12 +947,24 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path):
         )
     tune_rows = pd.DataFrame(
         [{"model.neurons": 4, "val/best_top1": 50.0, "val/top1_last": 50.0, "epochs": 2,
-          "trial_id": "aaa"}]
+          "trial_id": "aaa"},
+         {"model.neurons": 3, "val/best_top1": 10.0, "val/top1_last": 10.0, "epochs": 1,
+          "trial_id": "ddd"}]  # Tune missed ddd's second epoch
     )  # fmt: skip
     table = _with_unreported(tune_rows, uri, parent, "sw")
-    assert table["trial_id"].tolist() == ["aaa", "bbb"]  # ccc finished no epoch
-    row = table.iloc[1]
-    assert (row["model.neurons"], row["val/best_top1"], row["epochs"]) == (7, 20.0, 1)
+    assert table["trial_id"].tolist() == ["ddd", "aaa", "bbb"]  # ccc finished no epoch
+    ddd, bbb = table.iloc[0], table.iloc[2]
+    assert (ddd["val/best_top1"], ddd["val/top1_last"], ddd["epochs"]) == (60.0, 60.0, 2)
+    assert (bbb["model.neurons"], bbb["val/best_top1"], bbb["epochs"]) == (7, 20.0, 1)
+    assert "stopped 2 trial(s) as an epoch was reported" in capsys.readouterr().out
+
+    def result(trial_id, neurons):
+        return SimpleNamespace(metrics={"trial_id": trial_id}, config={"model.neurons": neurons})
+
+    assert _best(table, [result("aaa", 4), result("ddd", 3)]) == ({"model.neurons": 3}, 60.0)
+    # the best trial has no Tune result at all: its sampled values come from the table
+    only_mlflow = table[table["trial_id"] == "bbb"].reset_index(drop=True)
+    assert _best(only_mlflow, [result("aaa", 4)]) == ({"model.neurons": 7}, 20.0)
 
 
 def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):

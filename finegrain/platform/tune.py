@@ -35,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from finegrain.models import BASELINE, method_spec
 from finegrain.platform import cluster, tracking
 from finegrain.platform.config import ConfigError, ExperimentConfig, apply_params, plain, validate
-from finegrain.platform.keys import BEST_TOP1, TOP1, TOTAL_EPOCHS
+from finegrain.platform.keys import BEST_TOP1, TOP1, TOTAL_EPOCHS, legacy_name
 from finegrain.platform.sweeps import (
     SweepInterrupted,
     TrialRuns,
@@ -269,7 +269,9 @@ def _optuna_search_class():
     return TruthfulOptunaSearch
 
 
-def settle_study(storage_path: Path, name: str, results) -> dict[str, int]:
+def settle_study(
+    storage_path: Path, name: str, results, logged: dict[str, tuple[int, float]] | None = None
+) -> dict[str, int]:
     """Tell Optuna how the trials that the sweep's end stopped ended, once the sweep is over.
 
     Tune's time budget ends the experiment through ``TuneController._cleanup_trials``, which
@@ -278,7 +280,10 @@ def settle_study(storage_path: Path, name: str, results) -> dict[str, int]:
     so the study counted fewer trials than ran and its pictures left them out. A trial that ran
     every epoch is COMPLETE with its last val top-1, one stopped earlier PRUNED (Optuna takes
     its last epoch's value), one that errored FAIL. Only for a sweep that ended (an interrupted
-    one keeps them RUNNING: ``--resume`` continues them). Returns the count per new state."""
+    one keeps them RUNNING: ``--resume`` continues them). ``logged``: per Tune trial id, the
+    epochs and last val top-1 its MLflow run holds, which may be one epoch more than Tune
+    received (the budget stopped it as it reported: :func:`_with_unreported`). Returns the count
+    per new state."""
     import optuna
     from optuna.trial import TrialState
 
@@ -288,7 +293,10 @@ def settle_study(storage_path: Path, name: str, results) -> dict[str, int]:
     settled: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         result = by_id.get(trial.user_attrs.get(TUNE_TRIAL_ID))
-        m = result.metrics if result is not None else {}
+        m = dict(result.metrics) if result is not None else {}
+        epochs, top1 = (logged or {}).get(trial.user_attrs.get(TUNE_TRIAL_ID), (0, None))
+        if epochs > m.get("epoch", 0):  # its last epoch(s) never reached Tune
+            m.update({"epoch": epochs, TOP1: top1})
         value = None
         if result is not None and result.error is not None:
             state = TrialState.FAIL
@@ -331,6 +339,7 @@ def run_sweep(
     address: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep of ``base.model.method`` over ``space``."""
+    import pandas as pd
     from ray import tune
 
     from finegrain.platform.data import prepare_data
@@ -412,18 +421,23 @@ def run_sweep(
             cluster.wait_released()  # let the stopped trials wind down before Ray does
             raise
         close_stopped_children(uri, parent)
-        settle_study(sweep_dir / "optuna.db", name, results)
-        cluster.wait_released()
+        cluster.wait_released()  # (a stopped trial may still log its last epoch meanwhile)
         table = _with_unreported(_results_table(results), uri, parent, name)
+        logged = {  # what each trial's MLflow run holds: Optuna is told that
+            row["trial_id"]: (int(row["epochs"]), float(row[LAST_TOP1]))
+            for _, row in table.iterrows()
+            if {"trial_id", "epochs", LAST_TOP1} <= set(table.columns)
+            and pd.notna(row["epochs"])
+            and pd.notna(row[LAST_TOP1])
+        }
+        settle_study(sweep_dir / "optuna.db", name, results, logged)
         outcomes = _outcomes(uri, parent, trials=len(results))
         if table[BEST_TOP1].isna().all():
             raise RuntimeError(
                 "no trial finished an epoch: raise --time-budget or make trials cheaper "
                 f"(the sweep is in {sweep_dir}; --resume {name} continues it)"
             )
-        best = results.get_best_result(metric=BEST_TOP1, mode="max")
-        best_params = {k: plain(v) for k, v in best.config.items()}
-        best_top1 = float(best.metrics.get(BEST_TOP1, float("nan")))  # %
+        best_params, best_top1 = _best(table, results)  # top-1 in %
         baseline_top1 = _baseline(base, uri, parent, name) if baseline else None
         _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir)
         tracking.close_run(uri, parent, "FINISHED")
@@ -524,43 +538,67 @@ def _results_table(results):
 
 
 def _with_unreported(df, uri: str, parent: str, sweep: str):
-    """``df`` and the trials Tune holds no result for: a trial stopped by the time budget just
-    as its epoch ended logged that epoch to its MLflow run (the trainer logs directly) before
-    its report reached Tune. Their rows come from MLflow, so the table accounts for every trial
-    that finished an epoch."""
+    """``df`` reconciled with the trials' MLflow runs. A trial that the time budget stopped just
+    as an epoch ended logged that epoch to its MLflow run (the trainer logs directly) before its
+    report reached Tune: Tune holds no result for it (its row comes from MLflow, so the table
+    accounts for every trial that finished an epoch), or one epoch less than it ran (its row's
+    epochs and top-1 are updated from MLflow: in the demo a trial that had run all 4 epochs, and
+    was counted so, was listed with 3)."""
     import pandas as pd
 
     client = tracking.tracking_client(uri)
     children = _children(client, parent)
     known = set(df["trial_id"]) if "trial_id" in df else set()
-    rows = []
+    rows, refreshed = [], 0
     for run in children:
         trial_id = (run.info.run_name or "").removeprefix(f"{sweep}-")
-        if trial_id in known or "baseline" in trial_id:
+        if "baseline" in trial_id:
             continue
-        history = client.get_metric_history(run.info.run_id, TOP1)
+        history = [  # (a run of a sweep resumed across the rename logged val_top1)
+            m
+            for key in (TOP1, legacy_name(TOP1))
+            for m in client.get_metric_history(run.info.run_id, key)
+        ]
         if not history:
             continue  # no epoch finished: nothing to compare
         history = sorted(history, key=lambda m: m.step)
+        logged = {
+            BEST_TOP1: max(m.value for m in history),
+            LAST_TOP1: history[-1].value,
+            "epochs": history[-1].step,
+        }
+        if trial_id in known:
+            i = df.index[df["trial_id"] == trial_id][0]
+            told = df.at[i, "epochs"] if "epochs" in df else None
+            if told is None or pd.isna(told) or history[-1].step > told:
+                for key, value in logged.items():
+                    df.at[i, key] = value
+                refreshed += 1
+            continue
         config = {k: _param(run.data.params.get(k)) for k in df.columns if "." in k}
-        rows.append(
-            config
-            | {
-                BEST_TOP1: max(m.value for m in history),
-                LAST_TOP1: history[-1].value,
-                "epochs": history[-1].step,
-                "trial_id": trial_id,
-            }
+        rows.append(config | logged | {"trial_id": trial_id})
+    if rows or refreshed:
+        print(
+            f"note: the time budget stopped {len(rows) + refreshed} trial(s) as an epoch was "
+            "reported, before Tune received it: their rows below are read from their MLflow runs",
+            flush=True,
         )
-    if not rows:
-        return df
-    print(
-        f"note: the time budget stopped {len(rows)} trial(s) as an epoch was reported: Tune has "
-        "no result for them, so their rows below are read from their MLflow runs",
-        flush=True,
-    )
-    df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
+    if rows:
+        df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
     return df.sort_values(BEST_TOP1, ascending=False).reset_index(drop=True)
+
+
+def _best(table, results) -> tuple[dict[str, Any], float]:
+    """The best trial of the reconciled ``table`` (its first row): its sampled parameters (from
+    Tune; from the table for a trial Tune holds no result for) and its best val top-1 (%)."""
+    top = table.iloc[0]
+    for i in range(len(results)):
+        if results[i].metrics and results[i].metrics.get("trial_id") == top["trial_id"]:
+            return {k: plain(v) for k, v in results[i].config.items()}, float(top[BEST_TOP1])
+    import pandas as pd
+
+    sampled = {k: plain(v) for k, v in top.items() if "." in k and pd.notna(v)}  # NaN: unsampled
+    return sampled, float(top[BEST_TOP1])
 
 
 def _param(text: str | None):
