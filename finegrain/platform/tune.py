@@ -288,8 +288,7 @@ def settle_study(
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage_path}")
-    ended = (results[i] for i in range(len(results)))  # Tune's ResultGrid: one per trial
-    by_id = {r.metrics.get("trial_id"): r for r in ended if r.metrics}
+    by_id = _by_trial_id(results)
     settled: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         result = by_id.get(trial.user_attrs.get(TUNE_TRIAL_ID))
@@ -307,6 +306,12 @@ def settle_study(
         study.tell(trial.number, value, state=state)
         settled[state.name] = settled.get(state.name, 0) + 1
     return settled
+
+
+def _by_trial_id(results) -> dict[str, Any]:
+    """Tune's ResultGrid (one result per trial) keyed by trial id (trials that reported)."""
+    ended = (results[i] for i in range(len(results)))
+    return {r.metrics.get("trial_id"): r for r in ended if r.metrics}
 
 
 def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed: int):
@@ -339,7 +344,6 @@ def run_sweep(
     address: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep of ``base.model.method`` over ``space``."""
-    import pandas as pd
     from ray import tune
 
     from finegrain.platform.data import prepare_data
@@ -423,13 +427,13 @@ def run_sweep(
         close_stopped_children(uri, parent)
         cluster.wait_released()  # (a stopped trial may still log its last epoch meanwhile)
         table = _with_unreported(_results_table(results), uri, parent, name)
-        logged = {  # what each trial's MLflow run holds: Optuna is told that
-            row["trial_id"]: (int(row["epochs"]), float(row[LAST_TOP1]))
-            for _, row in table.iterrows()
-            if {"trial_id", "epochs", LAST_TOP1} <= set(table.columns)
-            and pd.notna(row["epochs"])
-            and pd.notna(row[LAST_TOP1])
-        }
+        logged = {}  # what each trial's MLflow run holds: Optuna is told that
+        if {"trial_id", "epochs", LAST_TOP1} <= set(table.columns):
+            done = table[table["epochs"].notna() & table[LAST_TOP1].notna()]
+            logged = {
+                t: (int(e), float(v))
+                for t, e, v in zip(done["trial_id"], done["epochs"], done[LAST_TOP1])
+            }
         settle_study(sweep_dir / "optuna.db", name, results, logged)
         outcomes = _outcomes(uri, parent, trials=len(results))
         if table[BEST_TOP1].isna().all():
@@ -591,12 +595,12 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
 def _best(table, results) -> tuple[dict[str, Any], float]:
     """The best trial of the reconciled ``table`` (its first row): its sampled parameters (from
     Tune; from the table for a trial Tune holds no result for) and its best val top-1 (%)."""
-    top = table.iloc[0]
-    for i in range(len(results)):
-        if results[i].metrics and results[i].metrics.get("trial_id") == top["trial_id"]:
-            return {k: plain(v) for k, v in results[i].config.items()}, float(top[BEST_TOP1])
     import pandas as pd
 
+    top = table.iloc[0]
+    result = _by_trial_id(results).get(top["trial_id"])
+    if result is not None:
+        return {k: plain(v) for k, v in result.config.items()}, float(top[BEST_TOP1])
     sampled = {k: plain(v) for k, v in top.items() if "." in k and pd.notna(v)}  # NaN: unsampled
     return sampled, float(top[BEST_TOP1])
 
