@@ -245,8 +245,8 @@ def test_a_placement_group_left_with_no_actor_to_remove_it_is_removed_after_the_
     """Ray Train registers a run's placement group with its cleaner only once the workers have
     started: a trial stopped while they start leaves the group reserved with no controller and
     no cleaner (the demo's baseline then waited forever for its CPU). After a sweep, a group
-    is kept while an actor of the job lives (a cleaner may still be removing it) and removed
-    once none does."""
+    is kept while an actor of the job lives (a controller may still be using it) and removed
+    once none does but an idle cleaner."""
     import ray
     from ray.util.placement_group import placement_group
 
@@ -268,7 +268,20 @@ def test_a_placement_group_left_with_no_actor_to_remove_it_is_removed_after_the_
             time.sleep(1)
         assert not cluster.wait_released(timeout=3)  # an actor lives: the group is not touched
         assert len(cluster.live_placement_groups()) == 1
+
+        # Ray Train's cleaner of a controller killed before the cleaner started: it idles
+        # forever, never removing the group, and is not waited for
+        class Idle:
+            def ping(self):
+                return True
+
+        Idle.__qualname__ = "PlacementGroupCleaner"  # how the State API lists Ray Train's
+        idle = ray.remote(num_cpus=0)(Idle).options(lifetime="detached").remote()
+        ray.get(idle.ping.remote())
         ray.kill(alive)
+        while "PlacementGroupCleaner (ALIVE)" not in (cluster.live_actors() or []):
+            assert time.monotonic() < deadline, "the State API never listed the cleaner"
+            time.sleep(1)
         assert cluster.wait_released(timeout=60)
         assert cluster.live_placement_groups() == {}
         assert "note: removed placement group" in capsys.readouterr().out
