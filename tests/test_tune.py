@@ -902,12 +902,18 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
         # would starve the next trial's reads for 180 s)
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         requests = [r.data.tags.get(cluster.TRAIN_REQUEST_TAG) for r in runs]
-        held = {q: ray.get(coordinator.get_reserved_resources.remote(q)) for q in requests if q}
+        held = ray.get(  # every Ray Train request it holds, tagged on a run or not
+            coordinator.__ray_call__.remote(
+                lambda c: sorted(k for k in c._ongoing_reqs if str(k).startswith("train-"))
+            )
+        )
     finally:
         ray.shutdown()
     assert leaked == {"CPU": 0, "GPU": 0} and not live, (leaked, live)
-    assert all(q and q.startswith("train-") for q in requests), requests
-    assert not any(held.values()), held
+    # the trained trial's run names its request; a trial stopped before its trainer was built
+    # (as its run opened) made none
+    assert requests[0] and all(q is None or q.startswith("train-") for q in requests), requests
+    assert held == [], held
     assert runs and all(r.info.status == "KILLED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs
     ]

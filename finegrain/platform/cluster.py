@@ -250,22 +250,20 @@ def plan_concurrency(
 # Tune kills the controller of a trial it stops, so on a 2-CPU machine the stopped trial's
 # 1 CPU and the next trial's 1 CPU take the whole node and the next trial's reads get nothing
 # for three minutes (measured: the request of a killed trial stayed, 180 s to expiry, while the
-# next trial's read operator starved > 60 s). The run tags its request's id; whoever closes the
-# run of a stopped trial cancels it (sweeps.close_ended_run), as the placement-group cleaner
-# removes its placement group.
+# next trial's read operator starved > 60 s). The run tags its request's id before its controller
+# starts (it sends the request first thing); whoever closes the run of a stopped trial cancels it
+# (sweeps.close_ended_run), as the placement-group cleaner removes its placement group.
 TRAIN_REQUEST_TAG = "ray_train_request"
 _COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # Ray Data's (name, namespace)
 
 
-def train_request_id() -> str | None:
-    """In a Ray Train worker: the id under which its run's controller asked the coordinator for
-    the workers' resources (``train-<run id>``, Ray Train V2's naming); else None."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        return f"train-{get_train_context().train_run_context.run_id}"
-    except Exception:  # not in a Train V2 worker (or Train changed): nothing to tag
-        return None
+def train_request_of(trainer) -> str | None:
+    """The id under which ``trainer``'s controller will ask the coordinator for its workers'
+    resources (``train-<run id>``, Ray Train V2's naming; the run id is drawn when the trainer
+    is built), known before ``fit()`` so that a run stopped as its controller starts — before any
+    worker runs — is tagged too; None if Ray Train changed."""
+    run_id = getattr(getattr(trainer, "train_run_context", None), "run_id", None)
+    return f"train-{run_id}" if run_id else None
 
 
 def cancel_train_request(request: str) -> None:

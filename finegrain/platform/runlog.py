@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import ray
 import torch.distributed as dist
 
-from finegrain.platform import cluster, keys, tracking
+from finegrain.platform import keys, tracking
 from finegrain.platform.data import bad_video_note
 from finegrain.platform.metrics import PER_VIDEO_FILE, per_video_csv
 from finegrain.platform.worker import say
@@ -46,8 +46,6 @@ class RunLog:
         if w.rank == 0:
             total = self.stages.total_epochs
             tags = {"worker_nodes": ",".join(nodes), keys.TOTAL_EPOCHS: total}
-            if request := cluster.train_request_id():
-                tags[cluster.TRAIN_REQUEST_TAG] = request
             self.logger.tags(tags)
 
     def log_epoch(self, epoch, metrics, val, extra, run_start, is_best) -> None:

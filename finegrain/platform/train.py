@@ -152,6 +152,8 @@ def run_experiment(
     status, error = "FAILED", None
     try:
         trainer = build_trainer(cfg, data, run_name, uri, run_id, facts, bad_log, callbacks)
+        if request := cluster.train_request_of(trainer):
+            logger.tags({cluster.TRAIN_REQUEST_TAG: request})
         result = trainer.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
