@@ -47,7 +47,7 @@ from finegrain.platform.config import (
 )
 from finegrain.platform.metrics import PER_VIDEO_FILE
 
-DEFAULT_CONFIG = "tune_synthetic"  # tiny backbone (width 8), 48 px, 8 frames, 4 epochs
+DEFAULT_CONFIG = "tune_synthetic"  # pretrained tiny backbone (width 16), 48 px, 8 frames, 4 epochs
 
 # ---------------------------------------------------------------------------------- suites
 
