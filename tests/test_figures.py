@@ -84,6 +84,20 @@ def assert_publication_quality(fig) -> None:
             assert "…" not in lbl.get_text()
             if lbl.get_text():
                 assert lbl.get_rotation() == 0, lbl.get_text()
+    # the panels' titles stay inside the picture and clear of each other (long ones ran into
+    # their neighbours: "...temporal-subtle 0.56spatial-subtle 0.53...")
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    boxes = [
+        (ax.title.get_text(), ax.title.get_window_extent(renderer))
+        for ax in fig.axes
+        if ax.title.get_text()
+    ]
+    for text, box in boxes:
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, text
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            assert not box_a.overlaps(box_b), (a, b)
 
 
 def eval_diagnostics(method: str, clips: torch.Tensor) -> dict:
@@ -154,12 +168,16 @@ def test_u2s_stage_one_has_no_pictures(sample):
 
 
 # --- DSTS split by the synthetic benchmark's class groups ----------------------------------------
-def dsts_diagnostics(selection: list[int]) -> dict:
+def dsts_diagnostics(selection: list[int], layers: int = 1) -> dict:
     sel = torch.tensor(selection)
     return {
-        "dsts/layer0/selected": torch.bincount(sel, minlength=3),
-        "dsts/layer0/selection": sel,
-        "dsts/layer0/temporal_share": torch.tensor([0.2, 0.6, 0.8]),
+        f"dsts/layer{j}/{key}": value
+        for j in range(layers)
+        for key, value in {
+            "selected": torch.bincount(sel, minlength=3),
+            "selection": sel,
+            "temporal_share": torch.tensor([0.2, 0.6, 0.8]),
+        }.items()
     }
 
 
@@ -173,7 +191,7 @@ def bar_heights(ax) -> dict[tuple, list[float]]:
 
 
 def test_dsts_selection_split_by_subtlety():
-    diagnostics = dsts_diagnostics([0, 0, 1, 2])
+    diagnostics = dsts_diagnostics([0, 0, 1, 2], layers=4)  # panels side by side (the demo's L)
     labels = torch.tensor([2, 3, 0, 1])  # two spatial-subtle clips, then two temporal-subtle
     sample = {"labels": labels, "all_labels": labels}
     figs = method_spec("dsts").draw(diagnostics, sample, NAMES, GROUPS)
@@ -184,7 +202,7 @@ def test_dsts_selection_split_by_subtlety():
     assert legend == ["spatial-subtle classes (2 clips)", "temporal-subtle classes (2 clips)"]
     # mean temporal share of the neurons each group went through: spatial 0.2, temporal 0.7
     ax = figs["dsts_temporal_share"].axes[0]
-    assert ax.get_title() == "layer 0\nspatial-subtle 0.20 · temporal-subtle 0.70"
+    assert ax.get_title() == "layer 0\nspatial 0.20 · temporal 0.70"
     assert not ax.texts  # nothing drawn over the bars
     means = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label().startswith("mean")}
     assert [ln.get_ydata()[0] for ln in means.values()] == pytest.approx([0.2, 0.7])
@@ -201,7 +219,7 @@ def test_dsts_equal_means_stay_readable():
     sample = {"labels": labels, "all_labels": labels}
     fig = method_spec("dsts").draw(diagnostics, sample, NAMES, GROUPS)["dsts_temporal_share"]
     ax = fig.axes[0]
-    assert ax.get_title().endswith("spatial-subtle 0.60 · temporal-subtle 0.60")
+    assert ax.get_title().endswith("spatial 0.60 · temporal 0.60")
     styles = [ln.get_linestyle() for ln in ax.get_lines() if ln.get_label().startswith("mean")]
     assert len(set(styles)) == 2
     assert any("b = 1[g > 0]" in t.get_text() for t in fig.texts)  # caption
