@@ -43,6 +43,7 @@ from finegrain.platform.tune import (
     _resolve_resume,
     apply_params,
     check_space,
+    child_name,
     default_space,
     load_space,
     optuna_searcher,
@@ -518,21 +519,26 @@ def test_ray_job_submit_on_a_2_cpu_head_runs_the_main_job_to_succeeded(
     parent = parent_run(client, "tune-dsts", "job-sweep")
     assert parent.info.status == "FINISHED"
     children = child_runs(client, parent.info.run_id)
-    names = sorted(r.info.run_name for r in children)
+    names = sorted(child_name(r) for r in children)
     assert len(names) == 3 and "job-sweep-baseline-onepass" in names, names
+    # the UI's names: what tells the children apart first (the runs table cuts the end)
+    shown = sorted(r.info.run_name for r in children)
+    assert "onepass baseline · job-sweep" in shown, shown
+    trial_ids = {n.removeprefix("job-sweep-") for n in names} - {"baseline-onepass"}
+    assert {f"{t} · job-sweep" for t in trial_ids} < set(shown), shown
     # one epoch = ASHA's max_t: no trial is stopped early, every one ends FINISHED
     assert all(r.info.status == "FINISHED" for r in children), [
-        (r.info.run_name, r.info.status, r.data.tags.get("early_stopped")) for r in children
+        (child_name(r), r.info.status, r.data.tags.get("early_stopped")) for r in children
     ]
     for run in children:  # every trial's epoch reached MLflow through the sweep's server
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")]
-        assert steps == [1], (run.info.run_name, steps)
+        assert steps == [1], (child_name(run), steps)
     assert 0.0 <= parent.data.metrics["val/best_top1"] <= 100.0  # in %
     assert 0.0 <= parent.data.metrics["val/baseline_best_top1"] <= 100.0
     # the artifacts, as the README's `mlflow ui` over this store serves them (from elsewhere)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    child = next(r for r in children if "baseline" not in r.info.run_name)
+    child = next(r for r in children if "baseline" not in child_name(r))
     with MlflowUI(run_dir / "mlflow.db", elsewhere) as ui:
         artifacts = ui.files(parent.info.run_id)
         trial = ui.files(child.info.run_id)
@@ -805,14 +811,14 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
     # an interrupted sweep is not a finished one: nothing left RUNNING, nothing claimed FINISHED
     # but the trial that did finish
     assert store.get_run(parent).info.status == "KILLED", first.output[-4000:]
-    before = {r.info.run_name: r for r in child_runs(store, parent)}
+    before = {child_name(r): r for r in child_runs(store, parent)}
     status = sorted(r.info.status for r in before.values())
     assert status == ["FINISHED", "KILLED"], (status, first.output[-4000:])
     done = next(r for r in before.values() if r.info.status == "FINISHED")
 
     second = Driver([*args[:-2], "--resume", "rs"], ray_env)
     _, _, runs = wait_for_children(second, 3)
-    third_id = sorted(set(r.info.run_name for r in runs) - set(before))[0].removeprefix("rs-")
+    third_id = sorted(set(map(child_name, runs)) - set(before))[0].removeprefix("rs-")
     state = run_dir / "tune" / "rs"
     deadline = time.time() + 120
     while not any(third_id in p.read_text() for p in state.glob("experiment_state*.json")):
@@ -820,7 +826,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
         time.sleep(0.5)
     second.proc.kill()  # kill -9 of the driver, mid-trial
     second.wait(timeout=60)
-    assert f"[{done.info.run_name}] epoch" not in second.output  # trial 1 was not rerun
+    assert f"[{child_name(done)}] epoch" not in second.output  # trial 1 was not rerun
 
     third = Driver([*args[:-2], "--resume", "rs"], ray_env)
     rc = third.wait(timeout=420)
@@ -828,14 +834,14 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
     assert "resuming sweep rs" in third.output
     assert "sweep rs: 3 trials: 3 ran all their epochs" in third.output, third.output[-4000:]
     for run in before.values():  # neither trial 1 nor trial 2 was rerun
-        assert f"[{run.info.run_name}] epoch" not in third.output
+        assert f"[{child_name(run)}] epoch" not in third.output
     assert_clean_console(third.output)
 
     resumed = parent_run(store, "tune-dsts", "rs")
     assert resumed.info.run_id == parent and resumed.info.status == "FINISHED"
     assert len(store.get_metric_history(parent, "val/best_top1")) == 1  # logged once, at the end
     after = child_runs(store, parent)
-    names = [r.info.run_name for r in after]
+    names = [child_name(r) for r in after]
     assert len(names) == len(set(names)) == 3, names  # no run duplicated, none lost
     assert set(before) < set(names)
     assert all(r.info.status == "FINISHED" for r in after), [r.info.status for r in after]
@@ -847,7 +853,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
     )
     for run in after:  # each epoch logged once for trial 1; trials 2, 3 reran from scratch
         steps = [m.step for m in store.get_metric_history(run.info.run_id, "val/top1")]
-        assert steps and set(steps) == {1}, (run.info.run_name, steps)
+        assert steps and set(steps) == {1}, (child_name(run), steps)
 
 
 @pytest.mark.slow

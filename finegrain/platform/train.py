@@ -110,10 +110,13 @@ def run_experiment(
     quiet: bool = False,
     address: str | None = None,
     in_trial: bool = False,
+    display_name: str | None = None,
 ) -> RunResult:
     """Train ``cfg`` on the Ray cluster (a fresh local one if none is given) and track it.
 
     ``in_trial``: driven by a Tune trial (a sweep or suite sized the cluster already).
+    ``display_name``: the MLflow run's name in the UI, when not ``cfg.run.name`` (which stays
+    the tag that finds the run again, and the console's prefix).
     """
     run_name = cfg.run.name or default_run_name(cfg)
     root = paths.run_root(cfg.run.dir)
@@ -142,6 +145,7 @@ def run_experiment(
         },
         params=cfg.params(),
         parent_run_id=cfg.tracking.parent_run_id,
+        display_name=display_name,
     )
     logger = tracking.RunLogger(uri, run_id)
     logger.text(cfg.to_yaml(), "config.yaml")

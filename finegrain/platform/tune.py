@@ -154,6 +154,8 @@ def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[st
 # metric of the one-pass baseline's best val/top1 (both in %)
 LAST_TOP1 = "val/top1_last"
 BASELINE_BEST_TOP1 = "val/baseline_best_top1"
+# the ``run.name`` suffix of the sweep's one-pass baseline run
+BASELINE_SUFFIX = f"-baseline-{BASELINE}"
 
 
 ASHA_REDUCTION = 3
@@ -224,6 +226,18 @@ def trial_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
+def display_name(sweep: str, what: str) -> str:
+    """A sweep child's name in MLflow's UI: what tells it apart first (the runs table cuts
+    long names at the end, where ``{sweep}-{trial id}`` had it), e.g. ``ac9c5f11 · tune-dsts-…``.
+    The run's ``run.name`` (its tag) stays ``{sweep}-{trial id}``."""
+    return f"{what} · {sweep}"
+
+
+def child_name(run) -> str:
+    """The ``run.name`` of a sweep's child run (its tag; the UI shows :func:`display_name`)."""
+    return run.data.tags.get(tracking.RUN_NAME_TAG) or run.info.run_name or ""
+
+
 def trial_function(params: dict, *, base: dict, sweep: str, parent: str, uri: str) -> None:
     """One trial: the sampled params on the base config → ``run_experiment`` in this actor."""
     from ray import tune
@@ -234,10 +248,17 @@ def trial_function(params: dict, *, base: dict, sweep: str, parent: str, uri: st
 
     quiet_ray_logs()
     cfg = apply_params(base, params)
-    cfg.run.name = trial_run_name(sweep, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    cfg.run.name = trial_run_name(sweep, trial_id)
     cfg.tracking.mlflow_uri = uri
     cfg.tracking.parent_run_id = parent
-    run_experiment(cfg, callbacks=[TuneReportCallback()], quiet=True, in_trial=True)
+    run_experiment(
+        cfg,
+        callbacks=[TuneReportCallback()],
+        quiet=True,
+        in_trial=True,
+        display_name=display_name(sweep, trial_id),
+    )
 
 
 def _optuna_search_class():
@@ -470,7 +491,7 @@ def _outcomes(uri: str, parent: str, trials: int = 0) -> dict[str, int]:
     children = _children(client, parent)
     counts = dict.fromkeys(("finished", "stopped", "unstarted", "failed"), 0)
     for run in children:
-        if "baseline" in (run.info.run_name or ""):
+        if child_name(run).endswith(BASELINE_SUFFIX):
             continue
         status = run.info.status
         if status == "FINISHED":
@@ -555,9 +576,10 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
     known = set(df["trial_id"]) if "trial_id" in df else set()
     rows, refreshed = [], 0
     for run in children:
-        trial_id = (run.info.run_name or "").removeprefix(f"{sweep}-")
-        if "baseline" in trial_id:
+        name = child_name(run)
+        if name.endswith(BASELINE_SUFFIX):
             continue
+        trial_id = name.removeprefix(f"{sweep}-")
         history = [  # (a run of a sweep resumed across the rename logged val_top1)
             m
             for key in (TOP1, legacy_name(TOP1))
@@ -626,11 +648,13 @@ def _baseline(base: ExperimentConfig, uri: str, parent: str, name: str) -> float
         if k in raw["model"]
     } | {"method": BASELINE}
     cfg = validate(raw)
-    cfg.run.name = f"{name}-baseline-{BASELINE}"
+    cfg.run.name = f"{name}{BASELINE_SUFFIX}"
     cfg.tracking.mlflow_uri = uri
     cfg.tracking.parent_run_id = parent
     print(f"training the {method_spec(BASELINE).title} on the same data ...", flush=True)
-    result = run_experiment(cfg, quiet=True)
+    result = run_experiment(
+        cfg, quiet=True, display_name=display_name(name, f"{BASELINE} baseline")
+    )
     return float(result.metrics.get(BEST_TOP1, float("nan")))
 
 
