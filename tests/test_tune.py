@@ -915,9 +915,25 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
                 lambda c: sorted(k for k in c._ongoing_reqs if str(k).startswith("train-"))
             )
         )
+        # Ray Data's cluster actors belong to the driver (cluster.connect), not to a trial's
+        # placement group, which would kill them at the trial's end (every next trial would
+        # start both again)
+        from ray.util.state import list_actors
+
+        alive = list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("state", "=", "ALIVE")],
+            detail=True,
+        )
+        data_actors = {
+            a.class_name: a.placement_group_id
+            for a in alive
+            if a.class_name in ("_StatsActor", "ActorLocationTracker")
+        }
     finally:
         ray.shutdown()
     assert leaked == {"CPU": 0, "GPU": 0} and not live, (leaked, live)
+    assert data_actors == {"_StatsActor": None, "ActorLocationTracker": None}, data_actors
     # the trained trial's run names its request; a trial stopped before its trainer was built
     # (as its run opened) made none
     assert requests[0] and all(q is None or q.startswith("train-") for q in requests), requests

@@ -57,6 +57,7 @@ def connect(
 
     quiet_ray_logs()
     if ray.is_initialized():
+        start_data_actors()
         return
     hook = "finegrain.platform.logs.setup_worker"  # run in every worker this job starts
     # the script of this job, for the MLflow runs its trials open (their process is Ray's)
@@ -77,6 +78,7 @@ def connect(
             log_to_driver=log_to_driver,
             logging_level="warning",
         )
+        start_data_actors()
         return
     from finegrain.platform import tracking
 
@@ -100,6 +102,31 @@ def connect(
         else:
             os.environ[tracking.ONE_NODE_ENV] = saved
     tracking.mark_one_node(ray.get_runtime_context().gcs_address)
+    start_data_actors()
+
+
+def start_data_actors() -> None:
+    """Start Ray Data's two per-cluster actors (its stats actor and its actor-location tracker)
+    from this driver, outside any placement group, unless they run already.
+
+    Ray Data starts them on first use, detached and named, from the process that uses it first:
+    in a run, a process of the run's Ray Train worker group, whose placement group they join
+    and die with. Every trial of a sweep, every run of a suite or of a test module then started
+    both again: two more processes per run, on the path to its first batch (measured: new PIDs
+    at every trial of the demo, ~8 CPU-s of start-up each time on 2 cores). Started here, every
+    run finds them (``get_if_exists``); :func:`wait_released` counts them with the job's
+    long-lived actors. These are Ray Data's own private helpers (Ray is pinned): if they move,
+    Ray Data starts them itself, as before.
+    """
+    try:
+        from ray.data._internal.execution.node_trackers.actor_location import (
+            get_or_create_actor_location_tracker,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    get_or_create_stats_actor()
+    get_or_create_actor_location_tracker()
 
 
 @dataclass(frozen=True)
@@ -304,9 +331,10 @@ def live_placement_groups() -> dict[str, dict]:
     }
 
 
-# Actors that live as long as the job by design and hold no resources: our MLflow relay, and
-# the coordinator Ray Data starts once per job for its actor pools' autoscaling.
-_JOB_LONG_ACTORS = ("_AutoscalingCoordinatorActor",)
+# Actors that live as long as the job by design and hold no resources: our MLflow relay, the
+# coordinator Ray Data starts once per job for its actor pools' autoscaling, and Ray Data's
+# stats actor and actor-location tracker (started by the driver: start_data_actors).
+_JOB_LONG_ACTORS = ("_AutoscalingCoordinatorActor", "_StatsActor", "ActorLocationTracker")
 
 
 def live_actors() -> list[str] | None:
