@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import TINY_RUN, MlflowUI
+from helpers import TINY_RUN
 from mlflow.tracking import MlflowClient
 
 from finegrain.platform import ablate
@@ -173,13 +173,10 @@ def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_
         folder = next((tmp_path / "mlartifacts").glob(f"*/{result.summary_run_id}/artifacts"))
         assert {"table.md", "table.png", "suite.yaml"} <= {p.name for p in folder.iterdir()}
         assert (folder / "table.md").read_text() == result.markdown_path.read_text()
-        # ...and the README's `mlflow ui` (started elsewhere) serves them, the children's too
-        (tmp_path / "elsewhere").mkdir()
-        with MlflowUI(tmp_path / "mlflow.db", tmp_path / "elsewhere") as ui:
-            assert {"table.md", "table.png", "suite.yaml"} <= ui.files(result.summary_run_id)
-            md = ui.read(result.summary_run_id, "table.md").decode()
-            assert md == result.markdown_path.read_text()
-            assert "config.yaml" in ui.files(seeds[0].info.run_id)
+        child = next((tmp_path / "mlartifacts").glob(f"*/{seeds[0].info.run_id}/artifacts"))
+        assert (child / "config.yaml").is_file()
+        # (that the README's `mlflow ui`, started elsewhere, serves what a sweep's server stored
+        # there is test_tune.py's job-submit test: suites and sweeps share tracking_server)
 
         # the evaluation path (U2S's oracle / fusion rows) reproduces a run's own val metrics
         cfg = ablate.variant_config(
