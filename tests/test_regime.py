@@ -129,3 +129,51 @@ def test_dfb_with_the_global_branch_alone_is_the_one_pass_baseline():
     assert runs["onepass"][0] == runs["dfb"][0]
     for k, v in runs["onepass"][1].items():
         assert torch.equal(v, runs["dfb"][1][k]), k
+
+
+def _precise_bn_rank(rank: int, world: int, init: str, clips: torch.Tensor, out: str) -> None:
+    """One DDP rank (gloo): the same initial model, its own share of the batches, precise BN
+    with the trainer's cross-rank average; saves its BatchNorm buffers."""
+    import torch.distributed as dist
+
+    from finegrain.platform.stages import reduce_mean
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_model("onepass", 12, "tiny", width=4, dropout=0.0).train()
+        share = clips.chunk(world)[rank]
+        with torch.no_grad():
+            assert precise_bn(model, [(share, None)], reduce_mean) == 1
+        torch.save(_bn_buffers(model), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))
+    }
+
+
+def test_precise_bn_leaves_every_ddp_rank_the_statistics_of_all_ranks_batches(tmp_path):
+    """With DDP each rank recomputes the statistics on its own batches; the trainer's reduce
+    averages them, so every rank evaluates with the same buffers: those of one process that
+    saw every rank's batch (equal batches: the cumulative average is a mean over batches)."""
+    import torch.multiprocessing as mp
+
+    x, _ = synthetic_clips(per_class=2, classes=12, size=32)  # 24 clips: 12 per rank
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_precise_bn_rank, args=(2, init, x, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.manual_seed(0)
+    model = build_model("onepass", 12, "tiny", width=4, dropout=0.0).train()
+    with torch.no_grad():
+        assert precise_bn(model, [(half, None) for half in x.chunk(2)], lambda _: None) == 2
+    alone = _bn_buffers(model)
+    assert ranks[0].keys() == alone.keys() and len(alone) >= 10
+    for k in alone:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # every rank the same
+        assert torch.allclose(ranks[0][k], alone[k], rtol=1e-4, atol=1e-5), k
