@@ -117,7 +117,10 @@ def test_a_runs_cleaner_finds_its_own_cluster_while_another_ray_runs():
     run's controller lives. With a second Ray on the machine (another finegrain command, the
     other test worker) that lookup used to fail ("Found multiple active Ray instances"), the
     cleaner's thread died and stopped trials' placement groups leaked. Every worker of a job
-    `cluster.connect` starts is pinned to its own cluster."""
+    `cluster.connect` starts is pinned to its own cluster, by the setup hook it inherits from
+    the raylet's environment, with no job runtime env (which would start each worker twice)."""
+    import logging
+
     import ray
     from ray.train.v2._internal.state.util import is_actor_alive
 
@@ -151,6 +154,19 @@ def test_a_runs_cleaner_finds_its_own_cluster_while_another_ray_runs():
         def cleaner_sees(actor_id: str) -> bool:  # what the cleaner's monitor loop calls
             return bool(is_actor_alive(actor_id, timeout=10))
 
+        @ray.remote(num_cpus=0)
+        def worker_facts() -> dict:
+            return {
+                "runtime_env": ray.get_runtime_context().runtime_env,
+                "pinned": os.environ.get("RAY_ADDRESS"),
+                "quiet": logging.getLogger("ray.train").level == logging.WARNING,
+                "source": os.environ.get("FINEGRAIN_SOURCE"),
+            }
+
+        facts = ray.get(worker_facts.remote())
+        assert facts["pinned"] == ray.get_runtime_context().gcs_address, facts
+        assert facts["quiet"] and facts["source"] and not facts["runtime_env"], facts
+        assert cluster._hook_variable() not in os.environ  # the driver keeps its environment
         controller = Controller.remote()
         ray.get(controller.ping.remote())
         alive = ray.get(cleaner_sees.remote(controller._actor_id.hex()))
