@@ -116,6 +116,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_finished(run_dir, two_epoch
     for key in ("val/best_top1", "val/loss", "train/loss", "train/lr", "train/clips_per_s"):
         assert key in run.data.metrics
     assert {"train/stage", "sys/rank_param_drift"} <= set(run.data.metrics)
+    seconds = [run.data.metrics[f"sys/{k}_s"] for k in ("train", "precise_bn", "eval")]
+    assert all(s > 0 for s in seconds), seconds  # where the epoch's time went
     # constants are tags, not metrics; no key of the old flat names
     assert not {"val/videos", "total_epochs", "epoch"} & set(run.data.metrics)
     assert run.data.tags["val/videos"] == "4" and run.data.tags["total_epochs"] == "2"

@@ -53,6 +53,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,8 @@ _COLUMNS = ["video", "video_id", "label"]
 _EVIDENCE = "evidence"  # optional shard column: the video's ground truth (JSON), or null
 GT_KEYS = ("gt_part", "gt_object", "gt_visible")
 EVAL = -1  # the stream of evaluation rows in a training run's dataset
+# how long EpochBatches.close waits for a first block still being fetched by its start()
+CLOSE_WAIT_S = 30.0
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -895,10 +898,34 @@ class EpochBatches:
         self._collate = ClipCollate()
         self._frontier: tuple[int, int] = (-1, 0)  # the latest (epoch, phase) seen
         self._exhausted = False
+        self._first = None  # the first block, being fetched by start()'s thread
         self.dropped = 0
 
+    def start(self) -> None:
+        """Start the execution now, in a thread that fetches the first block: its decode actors
+        and read tasks start while the caller sets up (the model, the optimizers, the run's
+        record), not after. Later blocks are fetched by the caller, as without it."""
+        from concurrent.futures import Future
+
+        first: Future = Future()
+
+        def fetch() -> None:
+            try:
+                first.set_result(next(self._blocks, None))
+            except BaseException as e:  # raised where the caller asks for the block
+                first.set_exception(e)
+
+        threading.Thread(target=fetch, name="first-block", daemon=True).start()
+        self._first = first
+
+    def _next_block(self) -> dict[str, np.ndarray] | None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first.result()
+        return next(self._blocks, None)
+
     def _pull(self) -> None:
-        block = next(self._blocks, None)
+        block = self._next_block()
         if block is None:
             self._exhausted = True
             for s, batcher in self._batchers.items():
@@ -942,6 +969,16 @@ class EpochBatches:
         Data's job-wide resource coordinator, which a run that ends before the iterator is
         exhausted would otherwise hold until the request expires and starve the job's next
         run's reads)."""
+        if self._first is not None:  # the generator runs in start()'s thread until its first
+            # block: closed only after it (a generator cannot be closed while it runs)
+            first, self._first = self._first, None
+            try:
+                first.result(timeout=CLOSE_WAIT_S)
+            except Exception:  # its error is the run's only when the run reads the block
+                pass
+            if not first.done():
+                self._exhausted = True
+                return  # the execution ends with this worker's process
         close = getattr(self._blocks, "close", None)
         if close is not None:
             close()

@@ -13,7 +13,9 @@ Each epoch a training run reports (to Ray Tune, and from rank 0 to MLflow, step 
 - ``<method>/…`` a method's own training statistics (DSTS's UDL: ``dsts/udl_train_loss``,
   ``dsts/udl_val_loss``, ``dsts/udl_grad_norm``, ``dsts/udl_alpha``);
 - ``mech/…`` the method's mechanism scores (``finegrain/models/<method>/mechanisms.py``);
-- ``sys/…`` ``sys/rank_param_drift`` (0 when DDP kept the ranks identical), ``sys/bad_videos``;
+- ``sys/…`` ``sys/rank_param_drift`` (0 when DDP kept the ranks identical), ``sys/bad_videos``,
+  and where the epoch's time went, in seconds: ``sys/train_s``, ``sys/precise_bn_s`` and
+  ``sys/eval_s`` (the last epoch's ``sys/precise_bn_s`` also holds the evaluation without it);
 - ``epoch`` (Tune's time axis, MLflow's step), and for Tune only ``val/videos`` and
   ``total_epochs`` (constant over a run: MLflow has them as the tags ``val/videos`` and
   ``total_epochs``).

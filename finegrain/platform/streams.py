@@ -86,6 +86,12 @@ class Streams:
         self.keep_val = self.spec.val_fits(w.cfg, w.world)
         self.val_epoch = epoch  # where the stream plans the validation views when kept
 
+    def start(self, epoch: int) -> None:
+        """Open the run's stream at ``epoch`` and start its execution now (its decode actors
+        start while the loop sets up; see ``EpochBatches.start``)."""
+        self.open_stream(epoch)
+        self.stream.start()
+
     def close(self) -> None:
         """End the run's data stream (see ``EpochBatches.close``)."""
         if self.stream is not None:

@@ -585,7 +585,7 @@ class _Loop:
     """One worker's training loop: the model, and the parts that train, evaluate, checkpoint
     and log it (they share the model and state, so checkpoints are complete), epoch by epoch."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, train: bool = True) -> None:
         self.worker = w = Worker.start(config)
         cfg = w.cfg
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
@@ -599,6 +599,8 @@ class _Loop:
         self.autocast, scaler = autocast_context(cfg, w.device)
         spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
         self.streams = Streams(w, spec, self.stages.total_epochs)
+        if train and ray.train.get_checkpoint() is None:  # a new run starts at epoch 0: its
+            self.streams.start(0)  # data stream starts now, its decode actors while we set up
         self.checkpoints = Checkpoints(w, self.model, self.stages, scaler, self.progress)
         self.log = RunLog(w, self.stages, self.progress, self.checkpoints)
         self.trainer = Trainer(
@@ -641,14 +643,18 @@ class _Loop:
             index, _ = self.stages.at(epoch)
             if index != self.stages.index:
                 self.enter_stage(index)
+            began = time.perf_counter()
             train = self.trainer.train_epoch(epoch)
+            trained = time.perf_counter()
             last = epoch + 1 == total
             # the last epoch says what precise BN changed (when the views are kept: they are
             # read twice)
             measure = last and cfg.eval.precise_bn_batches and self.streams.keep_val
             plain = self.evaluator.evaluate(epoch)[0] if measure else None
             self.evaluator.recalibrate_bn(epoch)
+            recalibrated = time.perf_counter()
             val, extra = self.evaluator.evaluate(epoch)
+            evaluated = time.perf_counter()
             top1 = val["top1"]  # a fraction here (and in checkpoints); reported in %
             is_best = top1 > progress.best_top1
             progress.best_top1 = max(progress.best_top1, top1)
@@ -664,6 +670,11 @@ class _Loop:
                 **scores,
                 **{f"mech/{k}": v for k, v in val.get("mechanisms", {}).items()},
                 "sys/rank_param_drift": self.trainer.rank_drift(),
+                # where the epoch's time went (seconds, this rank; the first epoch's training
+                # includes the data stream's start)
+                "sys/train_s": trained - began,
+                "sys/precise_bn_s": recalibrated - trained,
+                "sys/eval_s": evaluated - recalibrated,
                 keys.TOTAL_EPOCHS: total,  # for Tune's searcher: stopped early or not
             }
             if self.worker.rank == 0:
@@ -693,7 +704,7 @@ def evaluate_loop_per_worker(config: dict[str, Any]) -> None:
     """Load ``config["checkpoint"]``'s weights and evaluate them as the training loop does."""
     from finegrain.datasets.pipeline import EVAL, EpochBatches
 
-    loop = _Loop(config)
+    loop = _Loop(config, train=False)
     w, streams = loop.worker, loop.streams
     state = torch.load(config["checkpoint"], map_location=w.device, weights_only=False)
     loop.model.load_state_dict(state["model"] if "model" in state else state)
