@@ -458,10 +458,12 @@ def run_sweep(
         settle_study(sweep_dir / "optuna.db", name, results, logged)
         outcomes = _outcomes(uri, parent, trials=len(results))
         if table[BEST_TOP1].isna().all():
-            raise RuntimeError(
+            error = RuntimeError(
                 "no trial finished an epoch: raise --time-budget or make trials cheaper "
                 f"(the sweep is in {sweep_dir}; --resume {name} continues it)"
             )
+            tracking.close_run(uri, parent, "FAILED", error=error)  # not left RUNNING
+            raise error
         best_params, best_top1 = _best(table, results)  # top-1 in %
         baseline_top1 = _baseline(base, uri, parent, name) if baseline else None
         _log_sweep(uri, parent, space, table, best_params, best_top1, baseline_top1, sweep_dir)
