@@ -915,6 +915,8 @@ class EpochBatches:
             except BaseException as e:  # raised where the caller asks for the block
                 first.set_exception(e)
 
+        # a daemon thread, not a ThreadPoolExecutor (whose threads are joined at exit): a fetch
+        # still stuck after close() gave up on it must not hold the worker's process open
         threading.Thread(target=fetch, name="first-block", daemon=True).start()
         self._first = first
 
