@@ -436,3 +436,39 @@ def test_udl_with_the_runs_optimizer_moves_u_over_ten_times_more_than_the_old_sg
             (p.detach() - p0).norm() ** 2 for p, p0 in zip(model.hook_parameters(), u0)
         ).sqrt()
     assert moved["run"] > 10 * moved["fixed"], moved
+
+
+def test_the_d_val_pass_prunes_unselected_neurons_without_changing_the_meta_gradient(monkeypatch):
+    """UDL's D_val pass runs neurons that no sample selected off the graph: ∇_u is the same as
+    with every neuron on the graph (float64, real hard Gumbel and semhash noise, three layers,
+    so the straight-through gradient through later layers' impulses is covered)."""
+    torch.manual_seed(0)
+    model = _tiny_dsts(neurons=4, layers=3).double()
+    model.train()
+    x, val_x = torch.randn(2, 2, model.backbone.out_channels, 4, 3, 3, dtype=torch.float64)
+    labels, val_labels = torch.tensor([0, 3]), torch.tensor([4, 1])
+    pruned = []
+    forward = DSTSLayer.forward
+
+    def spy(layer, z, prune_unselected=False):
+        out, chosen = forward(layer, z, prune_unselected)
+        if prune_unselected:
+            pruned.append(len(layer.neurons) - len(chosen.unique()))
+        return out, chosen
+
+    monkeypatch.setattr(DSTSLayer, "forward", spy)
+    state = torch.get_rng_state()
+    grads, loss, val_loss = model.udl_gradients(x, labels, val_x, val_labels, alpha=0.5)
+    assert len(pruned) == 3 and all(n >= 2 for n in pruned)  # 2 samples choose ≤ 2 of 4
+
+    stateless = model._stateless
+    monkeypatch.setattr(
+        model, "_stateless", lambda module, params, x, **kw: stateless(module, params, x)
+    )
+    torch.set_rng_state(state)
+    reference, ref_loss, ref_val_loss = model.udl_gradients(x, labels, val_x, val_labels, alpha=0.5)
+    assert len(pruned) == 3  # the reference pruned nothing
+    assert loss == ref_loss and val_loss == ref_val_loss
+    assert all(g.abs().sum() > 0 for g in reference)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)

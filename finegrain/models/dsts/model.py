@@ -45,7 +45,8 @@ Usage notes:
   samples), in evaluation its running statistics are applied to the samples that selected it.
 - Cost: training runs all N neurons (N× the head of N=1); evaluation runs one per sample. A UDL
   step costs one no-grad backbone forward (D_val) and the head passes of steps 1–2 on top of a
-  plain step (``bench/model_cost.py``).
+  plain step (``bench/model_cost.py``); in the D_val pass only the neurons some sample selected
+  carry a graph, which the second-order backward then traverses.
 """
 
 from __future__ import annotations
@@ -200,8 +201,16 @@ class DSTSLayer(nn.Module):
             return self.halves.mean().expand(len(self.neurons))
         return None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Z' of the layer and each sample's selected neuron ``(B,)`` (None for average_all)."""
+    def forward(self, x: Tensor, prune_unselected: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Z' of the layer and each sample's selected neuron ``(B,)`` (None for average_all).
+
+        ``prune_unselected`` (training, UDL's D_val pass): neurons whose y_i is 0 for every
+        sample run without a graph. Exact: the gradient to such a Z'_i and its parameters is
+        y_i·∂ℓ/∂Z' = 0 (straight-through ``(0 − s) + s`` is exactly 0); Z'_i still enters y's
+        straight-through gradient to the layer's input, as a value, and is not computed at all
+        where y needs no gradient (u detached and an input without one: the first layer). UDL's
+        second-order backward then skips those neurons' graphs (``bench/model_cost.py``).
+        """
         batch = x.shape[0]
         if self.scoring is None:  # synapse="average_all": every neuron, outputs averaged
             z = sum(nrn(x, self.routing(i, batch)) for i, nrn in enumerate(self.neurons))
@@ -209,10 +218,18 @@ class DSTSLayer(nn.Module):
         v = self.impulses(x)
         if self.training:
             y = F.gumbel_softmax(v, tau=self.tau, hard=True)
-            z = sum(
-                y[:, i, None, None, None, None] * nrn(x, self.routing(i, batch))
-                for i, nrn in enumerate(self.neurons)
-            )
+            used = (y.detach() != 0).any(dim=0).tolist() if prune_unselected else None
+            z = 0
+            for i, nrn in enumerate(self.neurons):
+                b = self.routing(i, batch)  # drawn for every neuron: the same random stream
+                if used is None or used[i]:
+                    out = nrn(x, b)
+                elif y.requires_grad:  # only y's straight-through gradient needs Z'_i
+                    with torch.no_grad():
+                        out = nrn(x, b)
+                else:  # nothing needs Z'_i (the first layer of a pass with u detached)
+                    continue
+                z = z + y[:, i, None, None, None, None] * out
             return z, y.detach().argmax(dim=1)
         selected = v.argmax(dim=1)
         groups = selected.unique()
@@ -252,10 +269,12 @@ class DSTSHead(nn.Module):
         )
         self.classifier = ClassifierHead(channels, num_classes, dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    def forward(
+        self, x: Tensor, prune_unselected: bool = False
+    ) -> tuple[Tensor, list[Tensor | None]]:
         z, selected = x, []
         for layer in self.layers:
-            z, a = layer(z)
+            z, a = layer(z, prune_unselected)
             selected.append(a)
         return self.classifier(x + z), selected
 
@@ -329,7 +348,7 @@ class DSTS(FineGrainModel):
     def hook_parameters(self) -> list[nn.Parameter]:
         return list(self.upstream_parameters().values()) if self.udl else []
 
-    def _stateless(self, module: nn.Module, params: dict[str, Tensor], x: Tensor):
+    def _stateless(self, module: nn.Module, params: dict[str, Tensor], x: Tensor, **kwargs):
         """``module(x)`` with ``params`` swapped in and BatchNorm's running statistics untouched.
 
         Decision: the simulated passes are training passes, so BN normalises with batch
@@ -337,7 +356,7 @@ class DSTS(FineGrainModel):
         gets its own copy of the buffers.
         """
         buffers = {n: b.clone() for n, b in module.named_buffers()}
-        return functional_call(module, {**params, **buffers}, (x,))
+        return functional_call(module, {**params, **buffers}, (x,), kwargs)
 
     def udl_gradients(
         self, x: Tensor, labels: Tensor, val_x: Tensor, val_labels: Tensor, alpha: float
@@ -345,7 +364,8 @@ class DSTS(FineGrainModel):
         """∇_u ℓ(û, d̂; D_val) (Eq. 10) on backbone features X of D_train and D_val.
 
         Step 1 (Eq. 9): d̂ = d − α ∇_d ℓ(u, d; D_train), keeping the graph so d̂ depends on u.
-        Step 2: û is u detached, so the gradient reaches u only through d̂ (second order).
+        Step 2: û is u detached, so the gradient reaches u only through d̂ (second order);
+        neurons no D_val sample selected run off the graph (exact, see ``DSTSLayer.forward``).
         Returns the gradients (in ``upstream_parameters()`` order) and the two losses.
         """
         u = self.upstream_parameters()
@@ -355,7 +375,7 @@ class DSTS(FineGrainModel):
         grads = torch.autograd.grad(loss, list(d.values()), create_graph=True, allow_unused=True)
         d_hat = {n: p if g is None else p - alpha * g for (n, p), g in zip(d.items(), grads)}
         u_hat = {n: p.detach() for n, p in u.items()}
-        val_logits, _ = self._stateless(self.head, {**u_hat, **d_hat}, val_x)
+        val_logits, _ = self._stateless(self.head, {**u_hat, **d_hat}, val_x, prune_unselected=True)
         val_loss = self.loss(ModelOutput(logits=val_logits), val_labels)
         grads_u = torch.autograd.grad(val_loss, list(u.values()), allow_unused=True)
         # contiguous: the scoring kernels' gradient comes out of a sum as an expanded view, which
