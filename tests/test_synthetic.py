@@ -100,6 +100,16 @@ def test_same_seed_same_bytes_whatever_the_workers(tiny: Path, tmp_path: Path):
     assert [name for name in a if a[name] != b[name]] == []
 
 
+def test_the_pretraining_set_is_the_same_bytes_for_a_seed(tmp_path: Path):
+    """What `experiments/pretrain.py` trains on (kind="pretrain") is as deterministic as the
+    benchmark: the same seed gives the same bytes, with one worker or two."""
+    options = {**TINY, "kind": "pretrain", "classes": 3, "videos_per_class": 2}
+    generate(tmp_path / "one", workers=1, **options)
+    generate(tmp_path / "two", workers=2, **options)
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert any(k.startswith("videos") for k in a) and a == b
+
+
 def test_different_seed_differs(tiny: Path, tmp_path: Path):
     generate(tmp_path / "other", workers=1, **{**TINY, "seed": 1})
     a, b = _files(tiny), _files(tmp_path / "other")

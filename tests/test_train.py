@@ -239,6 +239,24 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_failed_run_names_its_erro
 
 
 @ONE_RUN
+def test_pretraining_saves_the_same_backbone_for_a_seed(run_dir, two_epochs):
+    """`experiments/pretrain.py`'s path is deterministic for a seed (issue 11): pretrain() on
+    the uninterrupted run's config, in another process, writes the same bytes as the backbone
+    of that run's best epoch, and its JSON records the file's sha256 and how it was made."""
+    from finegrain.platform.pretrain import pretrain, save_backbone
+
+    out = run_dir / "pretrained" / "backbone.pt"
+    made = pretrain(tiny_config(run_dir, "run.name=pretrained", "optim.epochs=2"), out)
+    # the same file name: torch.save names its archive after the file, so the bytes depend on it
+    again = run_dir / "reference" / "backbone.pt"
+    reference = save_backbone(two_epochs.run_dir / "best.pt", again)
+    assert made["sha256"] == reference and out.read_bytes() == again.read_bytes()
+    assert json.loads(out.with_suffix(".json").read_text())["sha256"] == reference
+    state = torch.load(out, weights_only=True)  # an ordinary state dict
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+@ONE_RUN
 def test_the_same_checkpoint_evaluates_identically_on_1_and_3_workers(run_dir, two_epochs):
     """Every validation view is evaluated exactly once whatever the number of workers (none is
     dropped to even out the ranks' shares: 8 views over 3 ranks), so the metrics are identical."""

@@ -22,7 +22,8 @@ from finegrain.platform.config import ExperimentConfig
 
 def save_backbone(checkpoint: str | Path, out: str | Path) -> str:
     """The ``backbone.*`` tensors of a training checkpoint, prefix stripped, saved to ``out``;
-    returns the file's sha256."""
+    returns the file's sha256 (which depends on the file's name too: torch.save names the zip
+    archive inside after it)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = state["model"] if "model" in state else state
     backbone = {
