@@ -475,6 +475,7 @@ INTERNAL_LINES = (
     "Starting execution of Dataset",
     "Failed to fetch metrics for",  # a trial stopped before it reported: counted by the sweep
     "Tuner.restore(",  # Tune's resume hint for its Python API: ours is --resume NAME
+    "TensorBoard",  # Tune's default TensorBoard logger's hint: sweeps run without that logger
 )
 
 
@@ -851,6 +852,10 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
     for run in after:  # trial 1's epoch logged once; trial 2 reran from scratch
         steps = [m.step for m in store.get_metric_history(run.info.run_id, "val/top1")]
         assert steps and set(steps) == {1}, (child_name(run), steps)
+    # Tune's result files, which the results table reads, and no TensorBoard files, resumed too
+    trials = [p for p in (run_dir / "tune" / "rs").iterdir() if p.is_dir()]
+    assert trials and all((t / "progress.csv").is_file() for t in trials), trials
+    assert not list((run_dir / "tune" / "rs").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

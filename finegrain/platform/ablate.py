@@ -399,7 +399,13 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
     from ray import tune
 
     from finegrain.platform.cluster import TRIAL_CPUS
-    from finegrain.platform.sweeps import TrialRuns, graceful_interrupt, mark_stopping
+    from finegrain.platform.sweeps import (
+        TrialRuns,
+        graceful_interrupt,
+        mark_stopping,
+        no_default_loggers,
+        result_loggers,
+    )
 
     trainable = tune.with_parameters(
         ablation_trial,
@@ -423,10 +429,13 @@ def _train(suite, runs, todo, summary, uri, root, max_concurrent) -> list[str]:
             name=f"ablate-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(root / "ablate" / suite.name / "tune"),
             verbose=1,
-            callbacks=[closer],
+            callbacks=[closer, *result_loggers()],
         ),
     )
-    with graceful_interrupt(lambda: mark_stopping(uri, summary)) as interrupted:
+    with (
+        graceful_interrupt(lambda: mark_stopping(uri, summary)) as interrupted,
+        no_default_loggers(),
+    ):
         results = tuner.fit()
     if interrupted.is_set():  # Tune stopped the runs; a rerun trains the unfinished ones
         raise KeyboardInterrupt(f"suite {suite.name} interrupted; rerun it to finish")

@@ -10,6 +10,8 @@
   child run still RUNNING (a trial whose driver died before the callback ran).
 - :func:`graceful_interrupt`: Ctrl+C → Tune's graceful stop; :func:`mark_stopping` tags the
   trials it stops before they can close their runs as anything but KILLED.
+- :func:`result_loggers` and :func:`no_default_loggers`: Tune's JSON and CSV result files,
+  without its TensorBoard logger.
 """
 
 from __future__ import annotations
@@ -64,19 +66,46 @@ def graceful_interrupt(on_interrupt: Callable[[], None] | None = None):
             helpers.append(threading.Thread(target=_quietly, args=(on_interrupt,), daemon=True))
             helpers[-1].start()
 
-    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield interrupted
+        with _environ("TUNE_DISABLE_SIGINT_HANDLER", "1"):
+            yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
-        if saved is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
         for helper in helpers:
             helper.join(timeout=30)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` inside the context, restored (or removed) after it."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def result_loggers() -> list[Callback]:
+    """Tune's JSON and CSV loggers: a trial's ``result.json``/``progress.csv``, which the sweep's
+    ``ResultGrid`` reads back. Pass them to ``RunConfig(callbacks=...)`` and fit inside
+    :func:`no_default_loggers`."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def no_default_loggers():
+    """Inside: Tune adds none of its default loggers to a run (it reads
+    TUNE_DISABLE_AUTO_CALLBACK_LOGGERS when ``fit`` starts), so the run has only the callbacks
+    it was given. Why: Tune's default TensorBoard logger wrote an event file per trial that
+    nothing reads (runs are compared in MLflow) and printed "To visualize your results with
+    TensorBoard, run: ..." on every sweep's console."""
+    return _environ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def _quietly(step: Callable[[], None]) -> None:

@@ -42,6 +42,8 @@ from finegrain.platform.sweeps import (
     close_stopped_children,
     graceful_interrupt,
     mark_stopping,
+    no_default_loggers,
+    result_loggers,
     tracking_server,
 )
 
@@ -406,8 +408,12 @@ def run_sweep(
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
             close_stopped_children(uri, parent)  # trials that ended while no driver watched
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
+            # a resumed sweep keeps the callbacks it was made with; one whose trials wrote
+            # TensorBoard files was made before result_loggers(), with Tune's default loggers
+            loggers = next(sweep_dir.glob("*/events.out.tfevents.*"), None) is None
             print(f"resuming sweep {name} from {sweep_dir}", flush=True)
         else:
+            loggers = True
             searcher = optuna_searcher(space, name, sweep_dir / "optuna.db", seed)
             scheduler = ComparedASHA(
                 time_attr="training_iteration",
@@ -431,11 +437,17 @@ def run_sweep(
                     max_concurrent_trials=concurrent,
                 ),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=str(sweeps), verbose=1, callbacks=[closer]
+                    name=name,
+                    storage_path=str(sweeps),
+                    verbose=1,
+                    callbacks=[closer, *result_loggers()],
                 ),
             )
         try:
-            with graceful_interrupt(lambda: mark_stopping(uri, parent)) as interrupted:
+            with (
+                graceful_interrupt(lambda: mark_stopping(uri, parent)) as interrupted,
+                no_default_loggers() if loggers else contextlib.nullcontext(),
+            ):
                 results = tuner.fit()
             if interrupted.is_set():  # Tune stopped the trials and saved its state
                 raise SweepInterrupted(name)
