@@ -1,6 +1,6 @@
 """Make the project's pretrained backbone: pretrain, then save the backbone's weights.
 
-    python experiments/pretrain.py                     # ~5 minutes on 2 cores
+    python experiments/pretrain.py                     # ~28 minutes on 2 cores
     python experiments/pretrain.py --seed 1 --out weights/tiny16-synthetic-pretrain-s1.pt
 
 No weights can be downloaded, so the project makes its own (METHODS.md, "The regime every paper
@@ -8,8 +8,8 @@ assumes"): the one-pass baseline trained through the normal trainer on the synth
 pretraining set (coarse shapes x motions, disjoint from the fine-grained benchmark's classes;
 the `pretrain_synthetic` named config), and the backbone of its best epoch by val top-1 saved
 as an ordinary state dict (the wrapper's key names, `torch.load(weights_only=True)`), which a
-config loads with `model.weights=PATH`, as it would torchvision weights. Deterministic for a seed.
-A JSON beside the weights records how they were made.
+config loads with `model.weights=PATH`, as it would torchvision weights. Deterministic for a seed
+and a version of the code (the JSON beside the weights records how they were made, and the commit).
 """
 
 from __future__ import annotations

@@ -251,7 +251,10 @@ def test_pretraining_saves_the_same_backbone_for_a_seed(run_dir, two_epochs):
     again = run_dir / "reference" / "backbone.pt"
     reference = save_backbone(two_epochs.run_dir / "best.pt", again)
     assert made["sha256"] == reference and out.read_bytes() == again.read_bytes()
-    assert json.loads(out.with_suffix(".json").read_text())["sha256"] == reference
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert recorded["sha256"] == reference
+    if (ROOT / ".git").exists():  # and the code that made it
+        assert len(recorded["commit"]) == 40 and isinstance(recorded["dirty"], bool)
     state = torch.load(out, weights_only=True)  # an ordinary state dict
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
 

@@ -934,8 +934,22 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
             for a in alive
             if a.class_name in ("_StatsActor", "ActorLocationTracker")
         }
+        # a budget in which no trial finishes an epoch: the sweep fails, and says so in MLflow
+        with pytest.raises(RuntimeError, match="no trial finished an epoch") as failure:
+            run_sweep(
+                base,
+                space=yaml.safe_load(yaml.safe_dump(SPACE)),
+                num_samples=1,
+                max_concurrent=1,
+                time_budget=2,
+                name="too-short",
+                baseline=False,
+            )
     finally:
         ray.shutdown()
+    too_short = parent_run(client, base.tracking.experiment, "too-short")
+    assert too_short.info.status == "FAILED"  # not left RUNNING
+    assert "no trial finished an epoch" in too_short.data.tags["error"], failure.value
     assert leaked == {"CPU": 0, "GPU": 0} and not live, (leaked, live)
     assert data_actors == {"_StatsActor": None, "ActorLocationTracker": None}, data_actors
     # the trained trial's run names its request; a trial stopped before its trainer was built

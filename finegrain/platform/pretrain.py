@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,24 @@ def pretrain(
         "mlflow_run": result.run_id,
         "config": cfg.model_dump(mode="json"),
         "command": "python experiments/pretrain.py",
+        # deterministic for a seed *and* the code: the shipped file (added in c5d6edd, epoch 32,
+        # 69.3 %) is not what later code makes (2026-12-02: epoch 26, 66.1 %), so record the code
+        **source_version(root),
     }
     out.with_suffix(".json").write_text(json.dumps(made, indent=1) + "\n")
     return made
+
+
+def source_version(root: Path) -> dict[str, Any]:
+    """``{"commit": HEAD's sha, "dirty": uncommitted changes?}`` of the checkout at ``root``;
+    empty outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
