@@ -892,17 +892,22 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
             "tune_synthetic",
             [*TINY, "optim.epochs=200", f"data.shards={bad}", f"run.dir={tmp_path / 'runs'}"],
         )
-        result = run_sweep(
-            base,
-            space=yaml.safe_load(yaml.safe_dump(SPACE)),
-            num_samples=2,
-            max_concurrent=2,
-            # an epoch must end inside it, on a loaded 2-core machine too (90 s was too short
-            # on 2026-12-02, with the job-submit test on the other pytest worker)
-            time_budget=150,
-            name="budget",
-            baseline=False,
-        )
+
+        def sweep(name: str, trials: int, budget: float):
+            space = yaml.safe_load(yaml.safe_dump(SPACE))
+            return run_sweep(
+                base,
+                space=space,
+                num_samples=trials,
+                max_concurrent=trials,
+                time_budget=budget,
+                name=name,
+                baseline=False,
+            )
+
+        # an epoch must end inside the budget, on a loaded 2-core machine too (90 s was too
+        # short on 2026-12-02, with the job-submit test on the other pytest worker)
+        result = sweep("budget", 2, 150)
         leaked = {
             k: ray.cluster_resources().get(k, 0) - ray.available_resources().get(k, 0)
             for k in ("CPU", "GPU")
@@ -936,15 +941,7 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
         }
         # a budget in which no trial finishes an epoch: the sweep fails, and says so in MLflow
         with pytest.raises(RuntimeError, match="no trial finished an epoch") as failure:
-            run_sweep(
-                base,
-                space=yaml.safe_load(yaml.safe_dump(SPACE)),
-                num_samples=1,
-                max_concurrent=1,
-                time_budget=2,
-                name="too-short",
-                baseline=False,
-            )
+            sweep("too-short", 1, 2)
     finally:
         ray.shutdown()
     too_short = parent_run(client, base.tracking.experiment, "too-short")
