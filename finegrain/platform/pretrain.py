@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ def pretrain(
 ) -> dict[str, Any]:
     """Train ``cfg`` (one-pass) and save its best epoch's backbone to ``out``. Returns what the
     sidecar JSON records."""
+    from finegrain.platform import tracking
     from finegrain.platform.train import run_experiment
 
     cfg = cfg.model_copy(deep=True)
@@ -64,22 +64,7 @@ def pretrain(
         "command": "python experiments/pretrain.py",
         # deterministic for a seed *and* the code: the shipped file (added in c5d6edd, epoch 32,
         # 69.3 %) is not what later code makes (2026-12-02: epoch 26, 66.1 %), so record the code
-        **source_version(root),
+        "commit": tracking.git_commit(),
     }
     out.with_suffix(".json").write_text(json.dumps(made, indent=1) + "\n")
     return made
-
-
-def source_version(root: Path) -> dict[str, Any]:
-    """``{"commit": HEAD's sha, "dirty": uncommitted changes?}`` of the checkout at ``root``;
-    empty outside a git checkout."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {}
