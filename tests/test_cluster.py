@@ -256,6 +256,71 @@ def test_a_killed_executions_data_reservation_is_given_back_within_a_minute():
         ray.shutdown()
 
 
+def test_a_stopped_runs_train_request_is_given_back_once_its_controller_is_gone():
+    """Tune closes a stopped trial's run before it stops the trial's actor, and the trial's Ray
+    Train controller (which that actor owns) re-sends its coordinator request until it is gone:
+    the request is cancelled only once the owner is gone (one cancelled at once came back and
+    was held after the sweep), and `wait_released` cancels every released request once more."""
+    import ray
+    from ray.data._internal.cluster_autoscaler import (
+        DefaultAutoscalingCoordinator,
+        ResourceRequestPriority,
+        get_or_create_autoscaling_coordinator,
+    )
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.connect(num_cpus=2)
+    try:
+
+        @ray.remote(num_cpus=0)
+        class Controller:  # as Ray Train's: a high-priority request, re-sent (here every 0.2 s)
+            def run(self, request: str) -> None:
+                client = DefaultAutoscalingCoordinator(request)
+                while True:
+                    client.request_resources(
+                        [{"CPU": 1}], expire_after_s=180, priority=ResourceRequestPriority.HIGH
+                    )
+                    time.sleep(0.2)
+
+        @ray.remote(num_cpus=0)
+        class Trial:
+            def start(self, request: str) -> str:
+                self.controller = Controller.remote()
+                self.controller.run.remote(request)
+                return cluster.current_actor()
+
+        coordinator = get_or_create_autoscaling_coordinator()
+
+        def held(request: str) -> bool:
+            return ray.get(coordinator.__ray_call__.remote(lambda c: request in c._ongoing_reqs))
+
+        watched, unwatched = Trial.remote(), Trial.remote()
+        owner = ray.get(watched.start.remote("train-watched"), timeout=120)
+        ray.get(unwatched.start.remote("train-unwatched"), timeout=120)
+        deadline = time.monotonic() + 60
+        while not (held("train-watched") and held("train-unwatched")):
+            assert time.monotonic() < deadline, "the controllers never asked the coordinator"
+            time.sleep(0.5)
+
+        cluster.release_train_request("train-watched", owner)
+        cluster.release_train_request("train-unwatched", None)  # no owner known: cancelled now
+        time.sleep(2)
+        assert held("train-watched")  # its owner lives: not cancelled yet
+        assert held("train-unwatched")  # re-sent by its live controller
+        ray.kill(watched)  # as Tune ends a stopped trial's actor; its controller goes with it
+        killed = time.monotonic()
+        while held("train-watched"):
+            assert time.monotonic() - killed < 60, "a gone controller's request is still held"
+            time.sleep(0.5)
+        assert held("train-unwatched")
+        ray.kill(unwatched)
+        assert cluster.wait_released(timeout=60)
+        assert not held("train-unwatched") and not held("train-watched")
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
 def test_a_placement_group_left_with_no_actor_to_remove_it_is_removed_after_the_sweep(capsys):
     """Ray Train registers a run's placement group with its cleaner only once the workers have

@@ -919,6 +919,7 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
         # would starve the next trial's reads for 180 s)
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
         requests = [r.data.tags.get(cluster.TRAIN_REQUEST_TAG) for r in runs]
+        owners = [r.data.tags.get(cluster.TRIAL_ACTOR_TAG) for r in runs]
         held = ray.get(  # every Ray Train request it holds, tagged on a run or not
             coordinator.__ray_call__.remote(
                 lambda c: sorted(k for k in c._ongoing_reqs if str(k).startswith("train-"))
@@ -949,9 +950,11 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     assert "no trial finished an epoch" in too_short.data.tags["error"], failure.value
     assert leaked == {"CPU": 0, "GPU": 0} and not live, (leaked, live)
     assert data_actors == {"_StatsActor": None, "ActorLocationTracker": None}, data_actors
-    # the trained trial's run names its request; a trial stopped before its trainer was built
-    # (as its run opened) made none
+    # the trained trial's run names its request, and the trial actor that owns its controller
+    # (the request is cancelled once that actor is gone); a trial stopped before its trainer
+    # was built (as its run opened) made none
     assert requests[0] and all(q is None or q.startswith("train-") for q in requests), requests
+    assert all(bool(o) == bool(q) for o, q in zip(owners, requests)), (owners, requests)
     assert held == [], held
     assert runs and all(r.info.status == "KILLED" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs

@@ -297,10 +297,20 @@ def plan_concurrency(
 # 1 CPU and the next trial's 1 CPU take the whole node and the next trial's reads get nothing
 # for three minutes (measured: the request of a killed trial stayed, 180 s to expiry, while the
 # next trial's read operator starved > 60 s). The run tags its request's id before its controller
-# starts (it sends the request first thing); whoever closes the run of a stopped trial cancels it
-# (sweeps.close_ended_run), as the placement-group cleaner removes its placement group.
+# starts (it sends the request first thing), and the id of the trial actor that starts the
+# controller — its owner, whose death ends it; whoever closes the run of a stopped trial
+# releases the request (sweeps.close_ended_run), as the placement-group cleaner removes its
+# placement group.
+#
+# Released, not cancelled there and then: Tune calls its callbacks on a stopped trial *before*
+# it stops the trial's actor, and the controller lives on until its owner is gone, re-sending
+# its request; one cancelled in between came back and was held after the sweep (CI, 2026-12-02:
+# 'train-42c0…' still at the coordinator when the sweep had ended).
 TRAIN_REQUEST_TAG = "ray_train_request"
+TRIAL_ACTOR_TAG = "ray_trial_actor"
 _COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")  # Ray Data's (name, namespace)
+_RELEASING: list = []  # the threads of release_train_request, joined by wait_released
+_RELEASED: set[str] = set()  # requests released since the last wait_released
 
 
 def train_request_of(trainer) -> str | None:
@@ -310,6 +320,14 @@ def train_request_of(trainer) -> str | None:
     worker runs — is tagged too; None if Ray Train changed."""
     run_id = getattr(getattr(trainer, "train_run_context", None), "run_id", None)
     return f"train-{run_id}" if run_id else None
+
+
+def current_actor() -> str | None:
+    """The id of the actor this process runs (a Tune trial's), which owns the Ray Train
+    controller it starts; None in a driver."""
+    import ray
+
+    return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
 
 def cancel_train_request(request: str) -> None:
@@ -324,6 +342,64 @@ def cancel_train_request(request: str) -> None:
     except ValueError:  # never created in this cluster: nothing reserved
         return
     ray.get(coordinator.cancel_request.remote(request), timeout=30)
+
+
+def release_train_request(request: str, owner: str | None, timeout: float = 120.0) -> None:
+    """Cancel ``request`` (a stopped run's) once ``owner`` — the trial actor that started its
+    controller (:func:`current_actor`) — is gone, and with it the controller that re-sends the
+    request; in a thread, as Tune stops that actor only after its callbacks returned.
+    :func:`wait_released` waits for it, and cancels every released request once more when no
+    actor of the job is left. Without an owner, or the State API to watch it, cancels now."""
+    import threading
+
+    def release() -> None:
+        deadline = time.monotonic() + timeout
+        while owner and time.monotonic() < deadline and actor_gone(owner) is False:
+            time.sleep(0.5)
+        try:
+            cancel_train_request(request)
+        except Exception as e:  # it still expires on its own (180 s)
+            print(f"warning: could not cancel {request} at Ray's coordinator: {e}", flush=True)
+
+    _RELEASED.add(request)
+    thread = threading.Thread(target=release, name=f"release-{request}", daemon=True)
+    thread.start()
+    _RELEASING.append(thread)
+
+
+def actor_gone(actor_id: str) -> bool | None:
+    """Whether actor ``actor_id`` is dead and its process has exited (on this node; the GCS
+    marks an actor DEAD before its process ends), or unknown to this cluster; None when the
+    State API does not answer."""
+    import ray
+
+    try:
+        from ray.util.state import get_actor
+
+        context = ray.get_runtime_context()
+        # its own cluster's address (see live_actors)
+        actor = get_actor(actor_id, address=context.gcs_address, timeout=10)
+    except Exception:  # no dashboard (State API), or it did not answer
+        return None
+    if actor is None:  # an earlier Ray's (a resumed sweep's trial)
+        return True
+    if actor.state != "DEAD":
+        return False
+    return not (actor.node_id == context.get_node_id() and _running(actor.pid))
+
+
+def _finish_releases(timeout: float) -> None:
+    """Wait for :func:`release_train_request`'s threads, then cancel every released request
+    again (once no actor of the job is left, nothing can re-send one)."""
+    deadline = time.monotonic() + timeout
+    while _RELEASING:
+        _RELEASING.pop().join(max(0.0, deadline - time.monotonic()))
+    while _RELEASED:
+        request = _RELEASED.pop()
+        try:
+            cancel_train_request(request)
+        except Exception as e:  # it still expires on its own (180 s)
+            print(f"warning: could not cancel {request} at Ray's coordinator: {e}", flush=True)
 
 
 def watch_preemptions() -> None:
@@ -420,6 +496,10 @@ def wait_released(timeout: float = 30.0) -> bool:
     with no controller and no cleaner left to remove it (measured: the demo's one-pass baseline
     then waited forever for the CPU it held).
 
+    The coordinator requests of stopped runs (:func:`release_train_request`) are given back
+    too: their releases are waited for, and each is cancelled once more, now that no controller
+    of the job is left to re-send it.
+
     A cleaner does not keep a group from being removed once no other actor of the job lives.
     The controller starts its detached cleaner and then sends it ``start_monitoring``; a
     controller killed before the cleaner's process is up (a trial stopped within seconds of its
@@ -435,6 +515,7 @@ def wait_released(timeout: float = 30.0) -> bool:
         groups, actors = live_placement_groups(), live_actors()
         working = None if actors is None else [a for a in actors if not _is_cleaner(a)]
         if not groups and not working:  # (without the State API: nothing to wait for)
+            _finish_releases(max(1.0, deadline - time.monotonic()))
             return True
         # only when the State API says so: a controller may still be using the group
         if working == [] and (orphans := {k: g for k, g in groups.items() if k not in removed}):
@@ -446,6 +527,7 @@ def wait_released(timeout: float = 30.0) -> bool:
                 f"warning: {timeout:.0f} s after the end, this job still holds: " + ", ".join(left),
                 flush=True,
             )
+            _finish_releases(1.0)
             return False
         time.sleep(0.5)
 

@@ -192,11 +192,8 @@ def close_ended_run(uri: str, run, error: Any = None) -> str | None:
     else FINISHED if it logged its last epoch, KILLED and tagged ``early_stopped`` if not."""
     if run is None or run.info.status != "RUNNING":
         return None
-    if request := run.data.tags.get(cluster.TRAIN_REQUEST_TAG):  # its controller is gone
-        try:
-            cluster.cancel_train_request(request)
-        except Exception as e:  # it still expires on its own (180 s)
-            print(f"warning: could not cancel {request} at Ray's coordinator: {e}", flush=True)
+    if request := run.data.tags.get(cluster.TRAIN_REQUEST_TAG):  # its controller is stopping
+        cluster.release_train_request(request, run.data.tags.get(cluster.TRIAL_ACTOR_TAG))
     client = tracking.tracking_client(uri)
     run_id = run.info.run_id
     if error is not None:

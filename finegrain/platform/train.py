@@ -157,7 +157,10 @@ def run_experiment(
     try:
         trainer = build_trainer(cfg, data, run_name, uri, run_id, facts, bad_log, callbacks)
         if request := cluster.train_request_of(trainer):
-            logger.tags({cluster.TRAIN_REQUEST_TAG: request})
+            tags = {cluster.TRAIN_REQUEST_TAG: request}
+            if owner := cluster.current_actor():  # a trial's, whose death ends the controller
+                tags[cluster.TRIAL_ACTOR_TAG] = owner
+            logger.tags(tags)
         result = trainer.fit()
         status = "FINISHED"
     except KeyboardInterrupt:
