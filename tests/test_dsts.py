@@ -301,6 +301,47 @@ def test_the_udl_step_uses_what_reduce_leaves_and_the_runs_optimizer():
     assert other.hook_state_dict() == state
 
 
+@pytest.mark.parametrize("mode", ["run", "fixed"])
+def test_the_trainer_makes_an_optimizer_for_u_only_when_the_udl_step_uses_it(
+    mode, monkeypatch, tmp_path
+):
+    """``udl_alpha="fixed"`` moves u with its own SGD: the trainer makes no optimizer and no
+    schedule for u (one nobody steps only had its schedule advanced, and torch warned
+    "lr_scheduler.step() before optimizer.step()" in every such run). Either way the main
+    optimizer never trains u, and a step and the epoch's schedule steps warn of nothing."""
+    import warnings
+
+    from finegrain.platform import stages as stages_module
+    from finegrain.platform.config import load_config
+    from finegrain.platform.stages import Stages
+    from finegrain.platform.worker import Worker
+
+    monkeypatch.setattr(stages_module.ray.train.torch, "prepare_model", lambda m, **kw: m)
+    cfg = load_config("synthetic", ["model.method=dsts", "model.weights=null"])
+    model = _tiny_dsts(udl_alpha=mode).train()
+    stages = Stages(Worker(cfg, {}, 0, 1, torch.device("cpu"), tmp_path, None), model)
+    stages.enter(0, lambda: [])
+    u = {id(p) for p in model.hook_parameters()}
+    main = {id(p) for group in stages.optimizer.param_groups for p in group["params"]}
+    assert u and not u & main
+    if mode == "fixed":
+        assert stages.hook_optimizer is None and stages.hook_scheduler is None
+    else:
+        groups = stages.hook_optimizer.param_groups
+        assert {id(p) for group in groups for p in group["params"]} == u
+    clips, labels = _clips(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        meta = _meta(labels, [_clips(seed=1)], optimizer=stages.hook_optimizer)
+        stages.optimizer.zero_grad()
+        model.loss(model(clips, meta=meta), labels).backward()
+        stages.optimizer.step()
+        stages.scheduler.step()
+        if stages.hook_scheduler:
+            stages.hook_scheduler.step()
+    assert meta.stats["udl/alpha"] == pytest.approx(0.01)
+
+
 def test_without_udl_the_main_optimizer_trains_u():
     model = _tiny_dsts(udl=False)
     assert model.extra_batches == 0 and model.hook_parameters() == []

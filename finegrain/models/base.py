@@ -19,7 +19,8 @@ through :class:`FineGrainModel`'s small hook, used the same way for every method
   tensors across DDP ranks, so a meta step that updates parameters keeps the ranks identical.
 - ``hook_parameters()``: parameters the model updates itself in that meta step; the main
   optimizer skips them, and the trainer hands the model an optimizer of the run's own type,
-  rate and schedule for them (``MetaContext.optimizer``).
+  rate and schedule for them (``MetaContext.optimizer``), unless ``uses_run_optimizer`` is
+  False (the model moves them with an optimizer of its own: DSTS's ``udl_alpha="fixed"``).
 - ``hook_state_dict()`` / ``load_hook_state_dict()``: state the hook owns that is not in the
   module's ``state_dict``, saved with every checkpoint.
 - ``branch_logits(output)``: further predictions to evaluate on their own (DFB's z_avg, z_max,
@@ -96,6 +97,7 @@ class FineGrainModel(nn.Module):
     """Base class: the default hook is plain supervised training with cross-entropy."""
 
     extra_batches: int = 0
+    uses_run_optimizer: bool = True  # the meta step steps MetaContext.optimizer (see above)
     progress: float = 0.0  # epochs of training done (set by the trainer before each step)
 
     def loss(self, output: ModelOutput, labels: Tensor) -> Tensor:

@@ -137,7 +137,9 @@ class Stages:
         pretrained = model.pretrained_prefixes()
         self.optimizer = make_optimizer(cfg, params, stage.lr_scale, pretrained)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.plan[index], warmup)
-        hook = model.hook_parameters()
+        # an optimizer (and schedule) for the meta step's parameters, only if the model steps
+        # it: one nobody steps would only have its schedule advanced (and torch warn about it)
+        hook = model.hook_parameters() if model.uses_run_optimizer else []
         self.hook_optimizer = make_optimizer(cfg, hook, stage.lr_scale) if hook else None
         self.hook_scheduler = (
             make_scheduler(cfg, self.hook_optimizer, self.plan[index], warmup) if hook else None

@@ -304,6 +304,7 @@ class DSTS(FineGrainModel):
         self.udl, self.udl_alpha, self.udl_alpha_scale = udl, udl_alpha, udl_alpha_scale
         self.udl_inner_lr, self.udl_outer_lr = udl_inner_lr, udl_outer_lr
         self.extra_batches = 1 if udl else 0
+        self.uses_run_optimizer = udl_alpha == "run"  # "fixed": u has its own SGD
         self._upstream_optimizer: torch.optim.Optimizer | None = None
 
     def features(self, clips: Tensor) -> Tensor:
