@@ -593,10 +593,15 @@ def jobs_api(address: str, token: str, job: str = "") -> dict | list:
 
 
 def start_head(tmp_path: Path, env: dict, attempts: int = 3, num_cpus: int = 6):
-    """``ray start --head --block`` on free loopback ports, up to the Jobs API answering.
+    """``ray start --head --block`` on free loopback ports, up to the node having started
+    (``ray start`` prints "Ray runtime started.") and the Jobs API answering.
 
     The ports are picked free, released, then bound by Ray: another process starting at the
-    same moment can take one, and the head then exits at start. That is retried on fresh ports.
+    same moment can take one, and the head then exits at start. Under load the node can also
+    fail its own start-up after the dashboard already answers ("The current node timed out
+    during startup": GCS node info past its deadline, seen in CI beside another pytest worker's
+    runs), so the head counts as up only once ``ray start`` says so. Both are retried on fresh
+    ports.
     """
     for attempt in range(1, attempts + 1):
         gcs, dash, client_port, agent, agent_grpc, metrics, runtime_env = free_ports(7)
@@ -618,9 +623,11 @@ def start_head(tmp_path: Path, env: dict, attempts: int = 3, num_cpus: int = 6):
         while time.time() < deadline and head.poll() is None:
             try:
                 jobs_api(address, env["RAY_AUTH_TOKEN"])
-                return head, log, address
+                if "Ray runtime started." in path.read_text(errors="replace"):
+                    return head, log, address
             except (OSError, ValueError):
-                time.sleep(1)
+                pass
+            time.sleep(1)
         head.terminate()
         try:
             head.wait(timeout=30)
