@@ -354,3 +354,27 @@ def test_epoch_batches_end_each_part_where_the_plan_does_without_reading_ahead()
     assert ds.read == 10  # epoch 1 ends at the first block of epoch 2
     assert list(batches.evaluation(1)) == []  # none planned for epoch 1 (kept from epoch 0)
     assert ds.read == 10
+
+
+def test_the_data_demo_streams_every_clip_of_a_small_benchmark(tmp_path):
+    """`python experiments/demo.py` (the README's data-layer demo) end to end, in its own
+    process as a user runs it: it had imported a function that no longer existed for days."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "experiments/demo.py", "--out", str(tmp_path), "--videos-per-class",
+            "4", "--workers", "1", "--batch-size", "8"]  # fmt: skip
+    done = subprocess.run(
+        argv, cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = done.stdout
+    # 4 a class, a quarter held out: 3 train videos x 1 clip, 1 val video x 2 views, 12 classes
+    assert "videos per split: {'train': 36, 'val': 12}" in out, out
+    assert "quarantined while packing: 0" in out, out
+    lines = {line.split()[0]: line for line in out.splitlines() if "clips/s" in line}
+    assert lines["train"].split()[1] == "36" and lines["val"].split()[1] == "24", out
+    assert all("12 classes" in line and line.endswith("bad videos: 0") for line in lines.values())
