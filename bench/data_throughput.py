@@ -349,7 +349,9 @@ def main() -> None:
         _ROWS, _CFG = rows, cfg  # inherited by the forked decode-only processes
         pool = mp.get_context("fork").Pool(args.workers)
         loader = make_loader(rows, cfg, classes, args.workers, args.batch_size)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        ray.init(
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR"
+        )  # a fresh Ray of this machine: the benchmark measures it alone
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_clip_dataset(shard_dir, args.split, cfg, train=True, seed=args.seed)
         epochs: dict[str, list[Epoch]] = {"a": [], "b": [], "c": []}

@@ -128,7 +128,7 @@ def _load_cli():
 
 @pytest.mark.slow
 def test_two_variants_two_seeds_table_matches_mlflow_and_rerun_adds_nothing(tmp_path, capsys):
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning")
     try:
         base = ablate.load_base("dfb", None, [*TINY, f"run.dir={tmp_path}"])
         # two runs at once: half a logical CPU for each trainer and decode actor fits both in 4
