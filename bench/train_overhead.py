@@ -84,6 +84,9 @@ def timed_loop(
 def _ray_loop(config: dict) -> None:
     import ray.train
 
+    from finegrain.platform.logs import quiet_ray_logs
+
+    quiet_ray_logs()  # as a run's training worker: Train V2's INFO line per report off
     per_step = timed_loop(
         config["model"], config["steps"], config["batch"], config["threads"], True
     )
@@ -103,14 +106,21 @@ def _ray_loop(config: dict) -> None:
 def ray_step(
     model_name: str, steps: int, batch: int, workers: int, threads: int
 ) -> dict[str, float]:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from finegrain.platform import cluster
+
+    cluster.watch_preemptions()  # as a run sets up its trainer: no watcher on a fixed cluster
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"model": model_name, "steps": steps, "batch": batch, "threads": threads},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(storage_path="/tmp/finegrain-bench", name=f"overhead-{time.time()}"),
+        run_config=RunConfig(
+            storage_path="/tmp/finegrain-bench",
+            name=f"overhead-{time.time()}",
+            logging_config=LoggingConfig(log_level="WARNING"),  # as the runs': no INFO lines
+        ),
     )
     return trainer.fit().metrics
 
