@@ -64,9 +64,10 @@ def main(argv=None) -> int:
             labels.update(batch["labels"].tolist())
             shape = tuple(batch["clips"].shape[1:])
         secs = time.perf_counter() - start
+        bad = ray.get(bad_log.summary.remote(split))
         lines.append(
             f"  {split:<5} {clips:>5} clips  shape {shape} uint8  {len(labels)} classes  "
-            f"{clips / secs:7.1f} clips/s  bad videos: {ray.get(bad_log.summary.remote(split))['count']}"
+            f"{clips / secs:7.1f} clips/s  bad videos: {bad['count']}"
         )
     ray.shutdown()
 
