@@ -159,6 +159,52 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
     assert study.trials[1].value == 40.0
 
 
+def test_no_trial_starts_that_could_not_report_its_first_epoch_in_the_budget_left(
+    tmp_path, monkeypatch, capsys
+):
+    """A trial started in the budget's last minute is stopped before it reports anything: once
+    the budget left is shorter than the quickest trial took to its first result, the searcher
+    starts none (Searcher.FINISHED). The clock survives the sweep's save and --resume."""
+    import pickle
+
+    from ray.tune.search import Searcher
+
+    import finegrain.platform.tune as tune_module
+
+    now = [1000.0]
+    monkeypatch.setattr(tune_module.time, "time", lambda: now[0])
+    search = optuna_searcher(SPACE, "s", tmp_path / "o.db", seed=0, time_budget=300)
+    search.set_search_properties("val/top1", "max", {})
+
+    def epoch(trial_id: str, seconds: float, iteration: int = 1) -> None:
+        now[0] += seconds
+        search.on_trial_result(trial_id, {"val/top1": 20.0, "training_iteration": iteration})
+
+    assert search.suggest("a") not in (None, Searcher.FINISHED)  # nothing measured yet
+    epoch("a", 120)  # its first result came 120 s after its start
+    epoch("a", 30, iteration=2)  # later results do not time anything
+    assert search.budget.quickest == 120
+    assert search.suggest("b") not in (None, Searcher.FINISHED)  # 150 s left >= 120
+    assert search.budget.left == 150
+    epoch("b", 90)  # a cheaper configuration: the quickest is now 90 s
+    assert search.budget.quickest == 90 and search.budget.left == 60
+    assert search.suggest("c") == Searcher.FINISHED  # 60 s left < 90
+    assert "no new trials: 60 s of the time budget left, less than the quickest trial took" in (
+        capsys.readouterr().out
+    )
+
+    # the saved searcher (Tune pickles its state) resumes with what was left, on a new clock
+    budget = pickle.loads(pickle.dumps(search.budget))
+    now[0] += 5000  # the sweep was interrupted for a while
+    assert budget.left == 60 and not budget.admits("d")
+    fresh = tune_module.FirstEpochBudget(300)
+    assert fresh.admits("e") and fresh.left == 300  # no result yet: nothing to compare with
+    # without a budget the searcher never stops early
+    unlimited = optuna_searcher(SPACE, "u", tmp_path / "u.db", seed=0)
+    unlimited.set_search_properties("val/top1", "max", {})
+    assert unlimited.budget is None and unlimited.suggest("x") not in (None, Searcher.FINISHED)
+
+
 def test_asha_sends_no_trial_past_the_first_rung_before_a_quorum_has_reached_it():
     """One trial at a time: Ray's ASHA let the first trial train every epoch whatever its score;
     here the first rung needs η (= 3) trials before any goes on, then Ray's rule applies."""
@@ -866,7 +912,7 @@ def test_a_sweep_stopped_by_ctrl_c_and_by_kill_9_resumes_without_rerunning_or_du
 
 
 @pytest.mark.slow
-def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shards):
+def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shards, monkeypatch):
     """Trials stopped mid-run (their TorchTrainer's controller dies with the trial's actor):
     ASHA stops the first after its first epoch (no quorum of 2 trials has reached it), the time
     budget the second, as it starts or trains depending on the machine's load. Every run is
@@ -880,8 +926,12 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     import ray
 
     from finegrain.platform import cluster
-    from finegrain.platform.tune import run_sweep
+    from finegrain.platform.tune import FirstEpochBudget, run_sweep
 
+    # the budget must stop a running trial here: the sweep's searcher would not start the
+    # second one where the budget left is shorter than the first one's first epoch (a test of
+    # its own above), which on a loaded machine it may be
+    monkeypatch.setattr(FirstEpochBudget, "admits", lambda self, trial_id: True)
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
     first = sorted(bad.glob("shards/train-*.parquet"))[0]

@@ -198,6 +198,55 @@ class ComparedASHA(ASHAScheduler):
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
 
 
+class FirstEpochBudget:
+    """What is left of a sweep's time budget, and whether a new trial could still report its
+    first epoch within it.
+
+    Tune's time budget stops whatever runs when it ends, so a trial started in its last minute
+    is stopped before it reports anything: its ~30 s of start-up (trial actor, Train V2
+    controller and worker group, decode actors) and its partial epoch are lost, and the sweep
+    ends no sooner. Here no trial starts once the budget left is shorter than the quickest
+    trial so far took from its start to its first result (a lower bound for the next one:
+    configurations differ in cost). Tune has no such rule, and Optuna's pruners act on running
+    trials, not on starting them.
+
+    The clock runs like Tune's ``TimeoutStopper``: from the first check, across ``--resume``
+    with what was left (a restored copy restarts its clock and forgets trials in flight).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.left = float(seconds)
+        self.quickest: float | None = None  # seconds from a trial's start to its first result
+        self._tick: float | None = None
+        self._started: dict[str, float] = {}
+
+    def _elapse(self) -> float:
+        now = time.time()
+        if self._tick is not None:
+            self.left -= now - self._tick
+        self._tick = now
+        return now
+
+    def admits(self, trial_id: str) -> bool:
+        """Whether trial ``trial_id`` may start now (it is timed from here if so)."""
+        now = self._elapse()
+        if self.quickest is not None and self.left < self.quickest:
+            return False
+        self._started[trial_id] = now
+        return True
+
+    def first_result(self, trial_id: str) -> None:
+        """Trial ``trial_id`` reported (its first result times it; later ones do nothing)."""
+        began = self._started.pop(trial_id, None)
+        if began is not None:
+            taken = self._elapse() - began
+            self.quickest = taken if self.quickest is None else min(self.quickest, taken)
+
+    def __setstate__(self, state: dict) -> None:
+        state["_tick"], state["_started"] = None, {}
+        self.__dict__.update(state)
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -265,13 +314,27 @@ def trial_function(params: dict, *, base: dict, sweep: str, parent: str, uri: st
 
 def _optuna_search_class():
     from optuna.trial import TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class TruthfulOptunaSearch(OptunaSearch):
         """``OptunaSearch`` that tells Optuna a trial stopped before its last epoch (by ASHA or
-        the time budget) is PRUNED; its per-epoch val top-1 are its intermediate values."""
+        the time budget) is PRUNED; its per-epoch val top-1 are its intermediate values. With a
+        :class:`FirstEpochBudget` it starts no trial that could not report an epoch in time."""
+
+        def __init__(self, *args, budget: FirstEpochBudget | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.budget = budget
 
         def suggest(self, trial_id):
+            b = getattr(self, "budget", None)  # None in a sweep saved before budgets existed
+            if b is not None and not b.admits(trial_id):
+                print(
+                    f"no new trials: {max(b.left, 0):.0f} s of the time budget left, less than "
+                    f"the quickest trial took to its first epoch ({b.quickest:.0f} s)",
+                    flush=True,
+                )
+                return Searcher.FINISHED
             config = super().suggest(trial_id)
             if trial_id in self._ot_trials:  # what `settle_study` finds it by
                 self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
@@ -288,6 +351,11 @@ def _optuna_search_class():
                 return super().on_trial_complete(trial_id, result, error)
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
+
+        def on_trial_result(self, trial_id, result):
+            if getattr(self, "budget", None) is not None:
+                self.budget.first_result(trial_id)
+            return super().on_trial_result(trial_id, result)
 
     return TruthfulOptunaSearch
 
@@ -337,9 +405,16 @@ def _by_trial_id(results) -> dict[str, Any]:
     return {r.metrics.get("trial_id"): r for r in ended if r.metrics}
 
 
-def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed: int):
+def optuna_searcher(
+    space: dict[str, dict],
+    name: str,
+    storage_path: Path,
+    seed: int,
+    time_budget: float | None = None,
+):
     """Ray Tune's ``OptunaSearch`` on the define-by-run ``space``, TPE seeded, its study stored
-    in SQLite at ``storage_path``, early-stopped trials told to Optuna as PRUNED."""
+    in SQLite at ``storage_path``, early-stopped trials told to Optuna as PRUNED; with a
+    ``time_budget`` (seconds), no trial starts that could not report its first epoch in it."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -350,6 +425,7 @@ def optuna_searcher(space: dict[str, dict], name: str, storage_path: Path, seed:
         study_name=name,
         storage=optuna.storages.RDBStorage(f"sqlite:///{storage_path}"),
         sampler=optuna.samplers.TPESampler(seed=seed),
+        budget=None if time_budget is None else FirstEpochBudget(time_budget),
     )
 
 
@@ -414,7 +490,7 @@ def run_sweep(
             print(f"resuming sweep {name} from {sweep_dir}", flush=True)
         else:
             loggers = True
-            searcher = optuna_searcher(space, name, sweep_dir / "optuna.db", seed)
+            searcher = optuna_searcher(space, name, sweep_dir / "optuna.db", seed, time_budget)
             scheduler = ComparedASHA(
                 time_attr="training_iteration",
                 max_t=base.optim.epochs,
