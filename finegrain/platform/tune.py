@@ -322,13 +322,14 @@ def _optuna_search_class():
         the time budget) is PRUNED; its per-epoch val top-1 are its intermediate values. With a
         :class:`FirstEpochBudget` it starts no trial that could not report an epoch in time."""
 
+        budget: FirstEpochBudget | None = None  # (also in a sweep saved before budgets)
+
         def __init__(self, *args, budget: FirstEpochBudget | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.budget = budget
 
         def suggest(self, trial_id):
-            b = getattr(self, "budget", None)  # None in a sweep saved before budgets existed
-            if b is not None and not b.admits(trial_id):
+            if (b := self.budget) is not None and not b.admits(trial_id):
                 print(
                     f"no new trials: {max(b.left, 0):.0f} s of the time budget left, less than "
                     f"the quickest trial took to its first epoch ({b.quickest:.0f} s)",
@@ -353,7 +354,7 @@ def _optuna_search_class():
             self._completed_trials.add(trial_id)
 
         def on_trial_result(self, trial_id, result):
-            if getattr(self, "budget", None) is not None:
+            if self.budget is not None:
                 self.budget.first_result(trial_id)
             return super().on_trial_result(trial_id, result)
 
