@@ -292,7 +292,8 @@ def seed_everything(seed: int) -> None:
 
 def precise_bn(model: torch.nn.Module, batches, reduce) -> int:
     """Recompute the running statistics of every BatchNorm in training mode (PySlowFast's
-    ``BN.USE_PRECISE_STATS``): reset them, forward ``batches`` in training mode with a
+    ``BN.USE_PRECISE_STATS``): reset them, forward ``batches`` in training mode without
+    gradients (METHODS.md: no graph is kept; the statistics update all the same) with a
     cumulative average (momentum None), then average them across the ranks. Layers a method
     keeps in evaluation mode (frozen) keep theirs. Returns the batches used."""
     norms = [
@@ -310,9 +311,10 @@ def precise_bn(model: torch.nn.Module, batches, reduce) -> int:
         m.momentum = None
     used = 0
     try:
-        for clips, _ in batches:
-            model(clips)
-            used += 1
+        with torch.no_grad():
+            for clips, _ in batches:
+                model(clips)
+                used += 1
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
