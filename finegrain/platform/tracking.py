@@ -588,10 +588,13 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
         self.uri = ""
 
-    def __enter__(self) -> str:
+    def launch(self) -> None:
+        """Start the server's process (once) without waiting for it to answer: what the caller
+        does meanwhile overlaps its ~10 s of start-up (see ``sweeps.tracking_server``)."""
         import sys
-        import urllib.request
 
+        if self.proc is not None:
+            return
         port = _free_port()
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -617,6 +620,12 @@ class LocalServer:
         )
         self.uri = f"http://127.0.0.1:{port}"
         _SERVED[self.uri] = self.artifacts.resolve()
+
+    def __enter__(self) -> str:
+        """Launch the server (unless :meth:`launch` did) and wait until it answers."""
+        import urllib.request
+
+        self.launch()
         deadline = time.time() + self.start_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -641,4 +650,5 @@ class LocalServer:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self._log_file.close()
+        if self.proc is not None:
+            self._log_file.close()

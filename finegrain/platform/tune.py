@@ -462,13 +462,17 @@ def run_sweep(
         apply_params(base.model_dump(mode="json"), _corner(space, end))
     check_model(base)
     prepare_data(base)  # once, in the driver: the trials find the shards cached
-    cluster.connect(address)
-    need = cluster.run_resources(base, in_trial=True)
-    concurrent = cluster.plan_concurrency(need, max_concurrent, what="trial")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweeps / "LATEST").write_text(name)
+    plan: dict[str, int] = {}
 
-    with tracking_server(base) as uri:
+    def start_ray() -> None:  # while the local MLflow server starts
+        cluster.connect(address)
+        need = cluster.run_resources(base, in_trial=True)
+        plan["concurrent"] = cluster.plan_concurrency(need, max_concurrent, what="trial")
+
+    with tracking_server(base, starting=start_ray) as uri:
+        concurrent = plan["concurrent"]
         parent = _parent_run(uri, base, name, space, num_samples)
         print(f"sweep {name}: MLflow parent run {parent} in {uri}", flush=True)
         trainable = tune.with_parameters(
