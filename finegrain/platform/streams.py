@@ -46,13 +46,13 @@ class Streams:
     on first use): each epoch's training batches and the further samplers' (``extras``), the
     validation views, and the replay of the previous epoch's training batches."""
 
-    def __init__(self, worker: Worker, spec: DataSpec, total_epochs: int) -> None:
+    def __init__(self, worker: Worker, spec: DataSpec, total_epochs: int, samplers: int) -> None:
         from finegrain.datasets.pipeline import to_model_input
 
         cfg = worker.cfg
         self.worker, self.spec, self.total_epochs = worker, spec, total_epochs
         self.to_model_input = to_model_input
-        self.count = int(worker.config["streams"])  # samplers a step draws from (1 + extras)
+        self.count = samplers  # samplers a step draws from (1 + extras)
         self.val_cache: list | None = None  # this rank's decoded validation batches, if kept
         self.replay = Replay(cfg.data.replay_mb * 2**20, cfg.run.seed)
         self.stream = None  # the training batches of every remaining epoch: made on first use

@@ -89,13 +89,6 @@ class RunResult:
     run_dir: Path
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the driver learns from building the model once (:func:`check_model`)."""
-
-    extra_batches: int  # further training samplers one step draws from (DSTS's UDL: 1)
-
-
 # ---------------------------------------------------------------------------------- driver
 
 
@@ -121,7 +114,8 @@ def run_experiment(
     run_name = cfg.run.name or default_run_name(cfg)
     root = paths.run_root(cfg.run.dir)
     uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.dir)
-    facts = check_model(cfg)
+    if not in_trial:  # a sweep or suite checked its configurations before any trial started
+        check_model(cfg)  # (in a trial it would only delay the run: ~3 s of imports and a pass)
     data = prepare_data(cfg, quiet=quiet)
     cluster.connect(address)
     if not in_trial:
@@ -155,7 +149,7 @@ def run_experiment(
 
     status, error = "FAILED", None
     try:
-        trainer = build_trainer(cfg, data, run_name, uri, run_id, facts, bad_log, callbacks)
+        trainer = build_trainer(cfg, data, run_name, uri, run_id, bad_log, callbacks)
         if request := cluster.train_request_of(trainer):
             tags = {cluster.TRAIN_REQUEST_TAG: request}
             if owner := cluster.current_actor():  # a trial's, whose death ends the controller
@@ -199,7 +193,7 @@ def run_description(cfg: ExperimentConfig, metrics: dict[str, float]) -> str:
     return line + " (every validation video, all views)."
 
 
-def check_model(cfg: ExperimentConfig) -> ModelFacts:
+def check_model(cfg: ExperimentConfig) -> None:
     """Build the model and run one dummy clip of the configured shape, before data and Ray.
 
     A bad method option or a backbone/method/clip mismatch (e.g. DSTS fed too few time steps)
@@ -216,12 +210,10 @@ def check_model(cfg: ExperimentConfig) -> ModelFacts:
         if first in (cfg.model.model_extra or {}):
             raise ValueError(f"model.{e}") from None
         raise
-    facts = ModelFacts(extra_batches=int(getattr(model, "extra_batches", 0)))
     clip = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.crop, cfg.data.crop)
     with torch.no_grad():
         if not getattr(model, "needs_labels", False):  # an oracle needs an installed CSM
             model(clip)
-    return facts
 
 
 def build_trainer(
@@ -230,7 +222,6 @@ def build_trainer(
     run_name: str,
     uri: str,
     run_id: str,
-    facts: ModelFacts,
     bad_log: Any,
     callbacks: list | None = None,
 ) -> TorchTrainer:
@@ -250,7 +241,6 @@ def build_trainer(
         "shards": str(data.shards),
         "classes": data.classes,
         "class_groups": data.class_groups,
-        "streams": 1 + facts.extra_batches,
         "bad_log": bad_log,
     }
     retries = cfg.run.startup_retries
@@ -603,7 +593,10 @@ class _Loop:
         self.progress = Progress()
         self.autocast, scaler = autocast_context(cfg, w.device)
         spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
-        self.streams = Streams(w, spec, self.stages.total_epochs)
+        # the samplers one training step draws from: the main one and the method's further ones
+        # (DSTS's UDL: 1)
+        samplers = 1 + int(getattr(self.model, "extra_batches", 0))
+        self.streams = Streams(w, spec, self.stages.total_epochs, samplers)
         if train and ray.train.get_checkpoint() is None:  # a new run starts at epoch 0: its
             self.streams.start(0)  # data stream starts now, its decode actors while we set up
         self.checkpoints = Checkpoints(w, self.model, self.stages, scaler, self.progress)
@@ -765,7 +758,6 @@ def evaluate_checkpoint(
         "shards": str(data.shards),
         "classes": data.classes,
         "class_groups": data.class_groups,
-        "streams": 1,
         "bad_log": bad_log,
         "checkpoint": str(checkpoint),
     }
