@@ -291,21 +291,15 @@ def run_suite(
     }  # suite order, then seed
     for cfg in {c.data.model_dump_json(): c for c in runs.values()}.values():
         prepare_data(cfg)  # once, in the driver: the runs find the shards cached
-    plan: dict[str, int] = {}
-
-    def start_ray() -> None:  # while the local MLflow server starts
-        cluster.connect(address)
-        need = max(
-            (cluster.run_resources(c, in_trial=True) for c in runs.values()), key=lambda r: r.cpus
-        )
-        plan["concurrent"] = cluster.plan_concurrency(need, max_concurrent or len(runs), what="run")
-
     root = tracking.run_root(base.run.dir)
     out_dir = root / "ablate" / suite.name
     experiment = experiment_name(suite.name)
     display_uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
-    with tracking_server(base, starting=start_ray) as uri:
-        concurrent = plan["concurrent"]
+    with tracking_server(base, address) as uri:  # Ray starts while the local server does
+        need = max(
+            (cluster.run_resources(c, in_trial=True) for c in runs.values()), key=lambda r: r.cpus
+        )
+        concurrent = cluster.plan_concurrency(need, max_concurrent or len(runs), what="run")
         summary = tracking.open_run(
             uri,
             experiment,

@@ -145,19 +145,18 @@ _ACTIVE_URI: list[str] = []
 
 
 @contextlib.contextmanager
-def tracking_server(base: ExperimentConfig, starting: Callable[[], None] | None = None):
-    """The URI trials log to: the configured server, or a local one over the SQLite store.
+def tracking_server(base: ExperimentConfig, address: str | None = None):
+    """Ray (``cluster.connect(address)``) and the URI trials log to: the configured server, or
+    a local one over the SQLite store.
 
-    ``starting`` (e.g. starting Ray) runs while a local server starts up: its process is
-    launched first, so the two start-ups overlap (each ~10 s on an idle 2-core machine, one
-    after the other until now). Ray must be up when ``starting`` has run: a server on this
-    machine's loopback gets its relay (``tracking.start_relay``) so that trials and rank-0
-    workers on other nodes reach it.
+    A local server's process is launched first and Ray starts while it comes up (each ~10 s on
+    an idle 2-core machine; one after the other they took 22.5-24.5 s, together 13.4-16.3 s).
+    A server on this machine's loopback gets its relay (``tracking.start_relay``, on Ray) so
+    that trials and rank-0 workers on other nodes reach it.
     """
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri, base.run.dir)
     if not uri.startswith("sqlite:"):
-        if starting is not None:
-            starting()
+        cluster.connect(address)
         tracking.start_relay(uri)  # a server on this machine's loopback: other nodes need it
         with _active(uri):
             yield uri
@@ -166,8 +165,7 @@ def tracking_server(base: ExperimentConfig, starting: Callable[[], None] | None 
     server = tracking.LocalServer(uri, paths.artifact_root(base.run.dir), root / "mlflow.log")
     server.launch()
     try:
-        if starting is not None:
-            starting()
+        cluster.connect(address)
     except BaseException:
         server.__exit__(None, None, None)
         raise

@@ -464,15 +464,10 @@ def run_sweep(
     prepare_data(base)  # once, in the driver: the trials find the shards cached
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweeps / "LATEST").write_text(name)
-    plan: dict[str, int] = {}
 
-    def start_ray() -> None:  # while the local MLflow server starts
-        cluster.connect(address)
+    with tracking_server(base, address) as uri:  # Ray starts while the local server does
         need = cluster.run_resources(base, in_trial=True)
-        plan["concurrent"] = cluster.plan_concurrency(need, max_concurrent, what="trial")
-
-    with tracking_server(base, starting=start_ray) as uri:
-        concurrent = plan["concurrent"]
+        concurrent = cluster.plan_concurrency(need, max_concurrent, what="trial")
         parent = _parent_run(uri, base, name, space, num_samples)
         print(f"sweep {name}: MLflow parent run {parent} in {uri}", flush=True)
         trainable = tune.with_parameters(
