@@ -145,18 +145,30 @@ def test_a_trial_stopped_before_its_last_epoch_reaches_optuna_as_pruned(tmp_path
     space = {"model.neurons": {"type": "int", "low": 2, "high": 16}}
     search = optuna_searcher(space, "s", tmp_path / "optuna.db", seed=0)
     search.set_search_properties("val/top1", "max", {})
+
+    def result(top1: float, epoch: int) -> dict:
+        return {"val/top1": top1, "training_iteration": epoch, "epoch": epoch, "total_epochs": 3}
+
     for trial_id in ("stopped", "complete", "failed"):
         assert search.suggest(trial_id)["model.neurons"] in range(2, 17)
-        search.on_trial_result(trial_id, {"val/top1": 20.0, "training_iteration": 1})
-    search.on_trial_result("complete", {"val/top1": 40.0, "training_iteration": 2})
-    search.on_trial_complete("stopped", {"val/top1": 20.0, "epoch": 1, "total_epochs": 2})
-    search.on_trial_complete("complete", {"val/top1": 40.0, "epoch": 2, "total_epochs": 2})
+        search.on_trial_result(trial_id, result(20.0, 1))
+    search.on_trial_result("stopped", result(25.0, 2))
+    search.on_trial_result("complete", result(30.0, 2))
+    # Tune hands the searcher a result only when the scheduler lets the trial go on: the one
+    # on which ASHA stopped a trial (at a rung or at max_t) comes only with the trial's end
+    search.on_trial_complete("stopped", result(25.0, 2))  # ended by the time budget
+    search.on_trial_complete("complete", result(40.0, 3))  # its last epoch: ASHA's max_t
     search.on_trial_complete("failed", None, error=True)
+    search.suggest("asha")
+    search.on_trial_complete("asha", result(35.0, 1))  # ASHA stopped it at its first report
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL]
-    assert study.trials[0].intermediate_values == {1: 20.0}
+    assert states == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert study.trials[0].intermediate_values == {1: 20.0, 2: 25.0}  # each epoch once
+    assert study.trials[1].intermediate_values == {1: 20.0, 2: 30.0, 3: 40.0}
     assert study.trials[1].value == 40.0
+    # TPE ranks a pruned trial by its last value: the stopping one must be there
+    assert study.trials[3].intermediate_values == {1: 35.0}
 
 
 def test_no_trial_starts_that_could_not_report_its_first_epoch_in_the_budget_left(
@@ -189,6 +201,16 @@ def test_no_trial_starts_that_could_not_report_its_first_epoch_in_the_budget_lef
     epoch("b", 90)  # a cheaper configuration: the quickest is now 90 s
     assert search.budget.quickest == 90 and search.budget.left == 60
     assert search.suggest("c") == Searcher.FINISHED  # 60 s left < 90
+    # a first result on which ASHA stopped the trial reaches the searcher only with its end
+    # (Tune's order): it times the trial all the same
+    late = optuna_searcher(SPACE, "l", tmp_path / "l.db", seed=0, time_budget=300)
+    late.set_search_properties("val/top1", "max", {})
+    late.suggest("a")
+    now[0] += 200
+    late.on_trial_complete("a", {"val/top1": 20.0, "training_iteration": 1, "epoch": 1,
+                                 "total_epochs": 4})  # fmt: skip
+    assert late.budget.quickest == 200 and late.budget.left == 100
+    assert late.suggest("b") == Searcher.FINISHED  # 100 s left < 200
     assert "no new trials: 60 s of the time budget left, less than the quickest trial took" in (
         capsys.readouterr().out
     )

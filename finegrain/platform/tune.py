@@ -314,6 +314,7 @@ def trial_function(params: dict, *, base: dict, sweep: str, parent: str, uri: st
 
 def _optuna_search_class():
     from optuna.trial import TrialState
+    from ray.tune.result import TRAINING_ITERATION
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
@@ -342,12 +343,20 @@ def _optuna_search_class():
             return config
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            stopped = (
-                result is not None
+            reported = (
+                bool(result)
                 and not error
                 and trial_id not in self._completed_trials
-                and result.get("epoch", 0) < result.get(TOTAL_EPOCHS, 0)
+                and self.metric in result
             )
+            if reported:
+                # Tune gives the searcher a result only if the scheduler lets the trial go on:
+                # the result on which ASHA stopped a trial (at a rung, or at max_t) arrives
+                # here alone, and without it a trial stopped at epoch 1 reached Optuna PRUNED
+                # with no intermediate value (TPE ranked it last, whatever its score) and never
+                # timed the budget's first epoch
+                self.on_trial_result(trial_id, result)
+            stopped = reported and result.get("epoch", 0) < result.get(TOTAL_EPOCHS, 0)
             if not stopped:
                 return super().on_trial_complete(trial_id, result, error)
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
@@ -356,6 +365,12 @@ def _optuna_search_class():
         def on_trial_result(self, trial_id, result):
             if self.budget is not None:
                 self.budget.first_result(trial_id)
+            # each epoch once: a result may come here and then again with the trial's end
+            steps = self.__dict__.setdefault("_reported_steps", {})  # (older pickles lack it)
+            step = result.get(TRAINING_ITERATION, 0)
+            if step <= steps.get(trial_id, 0):
+                return None
+            steps[trial_id] = step
             return super().on_trial_result(trial_id, result)
 
     return TruthfulOptunaSearch
