@@ -201,19 +201,19 @@ def test_no_trial_starts_that_could_not_report_its_first_epoch_in_the_budget_lef
     epoch("b", 90)  # a cheaper configuration: the quickest is now 90 s
     assert search.budget.quickest == 90 and search.budget.left == 60
     assert search.suggest("c") == Searcher.FINISHED  # 60 s left < 90
+    assert "no new trials: 60 s of the time budget left, less than the quickest trial took" in (
+        capsys.readouterr().out
+    )
     # a first result on which ASHA stopped the trial reaches the searcher only with its end
     # (Tune's order): it times the trial all the same
     late = optuna_searcher(SPACE, "l", tmp_path / "l.db", seed=0, time_budget=300)
     late.set_search_properties("val/top1", "max", {})
     late.suggest("a")
     now[0] += 200
-    late.on_trial_complete("a", {"val/top1": 20.0, "training_iteration": 1, "epoch": 1,
-                                 "total_epochs": 4})  # fmt: skip
+    first = {"val/top1": 20.0, "training_iteration": 1, "epoch": 1, "total_epochs": 4}
+    late.on_trial_complete("a", first)
     assert late.budget.quickest == 200 and late.budget.left == 100
     assert late.suggest("b") == Searcher.FINISHED  # 100 s left < 200
-    assert "no new trials: 60 s of the time budget left, less than the quickest trial took" in (
-        capsys.readouterr().out
-    )
 
     # the saved searcher (Tune pickles its state) resumes with what was left, on a new clock
     budget = pickle.loads(pickle.dumps(search.budget))
