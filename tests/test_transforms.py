@@ -74,6 +74,18 @@ def test_resize_short_side_matches_torchvision() -> None:
     assert resize_short_side(clip, 24) is clip  # already the right size: untouched
 
 
+@pytest.mark.parametrize(("h", "w", "size"), [(64, 64, 56), (240, 320, 128), (100, 60, 37)])
+def test_resize_short_side_is_torchvisions_resize_bit_for_bit(h: int, w: int, size: int) -> None:
+    """The decoder resizes with torch alone (no torchvision import on its first batch): the
+    same kernel as torchvision's antialiased resize, to the bit, on noise (every rounding)."""
+    from torchvision.transforms.v2 import functional as F
+
+    clip = np.random.default_rng(h * w).integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+    chw = torch.from_numpy(clip).permute(0, 3, 1, 2)
+    expect = F.resize(chw, [size], antialias=True).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(resize_short_side(clip, size), expect)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_same_crop_for_every_frame(train: bool) -> None:
     clip = _ramp_clip()
