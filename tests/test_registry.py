@@ -85,6 +85,23 @@ def test_every_method_space_validates_at_both_ends_and_its_suite_configs_validat
             ablate.variant_config(suite_base, spec.suite, v, seed=0)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_spec_says_the_extra_batches_its_model_draws(method):
+    """A worker plans the run's data stream (one sampler per batch a step draws) from the spec
+    before it builds the model: the spec and the built model agree, at every corner of the
+    method's search space (DSTS: UDL on and off)."""
+    space = check_space(default_space(method))
+    for end in (0, 1):
+        options = {
+            k.split(".", 1)[1]: v
+            for k, v in _corner(space, end).items()
+            if k.startswith("model.") and k.split(".", 1)[1] in method_options(method)
+        }
+        torch.manual_seed(0)
+        model = build_model(method, 12, "tiny", width=4, **options)  # 12: the benchmark's K
+        assert models.extra_batches(method, width=4, **options) == model.extra_batches, options
+
+
 def test_an_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method 'nope'; valid: onepass, dsts"):
         build_model("nope", 4)

@@ -31,6 +31,7 @@ __all__ = [
     "TrainingStage",
     "build_backbone",
     "build_model",
+    "extra_batches",
     "method_options",
     "method_spec",
     "register",
@@ -78,6 +79,16 @@ def method_spec(method: str) -> MethodSpec:
 def method_options(method: str) -> dict[str, object]:
     """The options ``method`` accepts, with their defaults."""
     return method_spec(method).defaults()
+
+
+def extra_batches(method: str, **options) -> int:
+    """The ``extra_batches`` a ``method`` model built with ``options`` has, without building it
+    (``MethodSpec.extra_batches``; options validated as :func:`build_model` does)."""
+    spec = method_spec(method)
+    if spec.extra_batches is None:
+        return 0
+    method_opts = {k: v for k, v in options.items() if k not in BACKBONE_OPTIONS}
+    return int(spec.extra_batches(parse_options(method, spec.options, method_opts)))
 
 
 def build_model(method: str, num_classes: int, backbone: str = "tiny", **options) -> FineGrainModel:

@@ -14,6 +14,8 @@ Tune, the suites and the figures) reads only specs, never a method's name:
 - ``suite``: the ablation suite, the rows of its paper's tables (``ablate.py --suite <method>``).
 - ``figures``: ``"module:function"`` drawing the method's diagnostics pictures, imported only when
   a picture is drawn (Ray's helper processes never import matplotlib or the models for it).
+- ``extra_batches``: the ``extra_batches`` the built model will have (see
+  :class:`~finegrain.models.base.FineGrainModel`), from the validated options alone; None: 0.
 - ``mechanisms_need_evidence``: the scorer scores only against evidence boxes (it returns ``{}``
   without them), so evaluations on datasets without evidence skip collecting its diagnostics.
 - ``mechanisms``: ``"module:function"`` scoring the mechanism the method's paper argues through
@@ -107,6 +109,9 @@ class MethodSpec:
     # the scorer needs the evidence boxes: on a dataset without them (real data) the evaluator
     # keeps no diagnostics for it (DFB's are ~36·K bytes per view: 160 MB an SSv2 evaluation)
     mechanisms_need_evidence: bool = False
+    # the built model's ``extra_batches`` from its validated options alone (None: 0): a worker
+    # opens the run's data stream, whose plan depends on it, before it builds the model
+    extra_batches: Callable[[Any], int] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """The method's options with their defaults."""

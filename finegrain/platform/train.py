@@ -51,7 +51,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from finegrain.models import build_model, method_spec
+from finegrain.models import build_model, extra_batches, method_spec
 from finegrain.models.base import (
     FineGrainModel,
     MetaContext,
@@ -583,8 +583,22 @@ class _Loop:
     def __init__(self, config: dict[str, Any], *, train: bool = True) -> None:
         self.worker = w = Worker.start(config)
         cfg = w.cfg
-        seed_everything(cfg.run.seed)  # identical initial weights on every rank
         opts = cfg.model.options()
+        spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
+        # A new run's data stream starts first, planned from the config: its decode actors
+        # start (their own processes: ~5-7 s on 2 cores) while this one builds the model, so the
+        # first step waits less for the first batch (measured: ~4.5 s less). The samplers are
+        # the ones a training step draws from: the main one and the method's further ones
+        # (DSTS's UDL: 1).
+        planned = (
+            1 + extra_batches(cfg.model.method, **opts),
+            sum(cfg.optim.stage_epochs) if cfg.optim.stage_epochs else cfg.optim.epochs,
+        )
+        self.streams = Streams(w, spec, planned[1], planned[0])
+        early = train and ray.train.get_checkpoint() is None  # a new run starts at epoch 0
+        if early:
+            self.streams.start(0)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.model: FineGrainModel = build_model(
             cfg.model.method, len(config["classes"]), cfg.model.backbone, **opts
         ).to(w.device)
@@ -592,13 +606,12 @@ class _Loop:
         self.stages = Stages(w, self.model)
         self.progress = Progress()
         self.autocast, scaler = autocast_context(cfg, w.device)
-        spec = DataSpec(Path(config["shards"]), config["classes"], config["class_groups"])
-        # the samplers one training step draws from: the main one and the method's further ones
-        # (DSTS's UDL: 1)
-        samplers = 1 + int(getattr(self.model, "extra_batches", 0))
-        self.streams = Streams(w, spec, self.stages.total_epochs, samplers)
-        if train and ray.train.get_checkpoint() is None:  # a new run starts at epoch 0: its
-            self.streams.start(0)  # data stream starts now, its decode actors while we set up
+        built = (1 + int(getattr(self.model, "extra_batches", 0)), self.stages.total_epochs)
+        if built != planned:  # a method whose spec does not say its extra batches: plan again
+            self.streams.close()
+            self.streams = Streams(w, spec, built[1], built[0])
+            if early:
+                self.streams.start(0)
         self.checkpoints = Checkpoints(w, self.model, self.stages, scaler, self.progress)
         self.log = RunLog(w, self.stages, self.progress, self.checkpoints)
         self.trainer = Trainer(

@@ -32,6 +32,7 @@ SPEC = MethodSpec(
     options=DSTSOptions,
     build=build,
     needs_stages=False,  # works on the final tokens: one-stage backbones (MViT) serve it
+    extra_batches=lambda options: int(options.udl),  # UDL's D_val batch (DSTS.extra_batches)
     space={
         "model.neurons": {"type": "int", "low": 2, "high": 16},
         "model.layers": {"type": "int", "low": 1, "high": 5},
