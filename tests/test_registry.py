@@ -92,11 +92,8 @@ def test_every_method_spec_says_the_extra_batches_its_model_draws(method):
     method's search space (DSTS: UDL on and off)."""
     space = check_space(default_space(method))
     for end in (0, 1):
-        options = {
-            k.split(".", 1)[1]: v
-            for k, v in _corner(space, end).items()
-            if k.startswith("model.") and k.split(".", 1)[1] in method_options(method)
-        }
+        corner = {k.removeprefix("model."): v for k, v in _corner(space, end).items()}
+        options = {k: v for k, v in corner.items() if k in method_options(method)}
         torch.manual_seed(0)
         model = build_model(method, 12, "tiny", width=4, **options)  # 12: the benchmark's K
         assert models.extra_batches(method, width=4, **options) == model.extra_batches, options

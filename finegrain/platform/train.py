@@ -590,11 +590,9 @@ class _Loop:
         # first step waits less for the first batch (measured: ~4.5 s less). The samplers are
         # the ones a training step draws from: the main one and the method's further ones
         # (DSTS's UDL: 1).
-        planned = (
-            1 + extra_batches(cfg.model.method, **opts),
-            sum(cfg.optim.stage_epochs) if cfg.optim.stage_epochs else cfg.optim.epochs,
-        )
-        self.streams = Streams(w, spec, planned[1], planned[0])
+        samplers = 1 + extra_batches(cfg.model.method, **opts)
+        epochs = sum(cfg.optim.stage_epochs) if cfg.optim.stage_epochs else cfg.optim.epochs
+        self.streams = Streams(w, spec, epochs, samplers)
         early = train and ray.train.get_checkpoint() is None  # a new run starts at epoch 0
         if early:
             self.streams.start(0)
@@ -606,10 +604,11 @@ class _Loop:
         self.stages = Stages(w, self.model)
         self.progress = Progress()
         self.autocast, scaler = autocast_context(cfg, w.device)
-        built = (1 + int(getattr(self.model, "extra_batches", 0)), self.stages.total_epochs)
-        if built != planned:  # a method whose spec does not say its extra batches: plan again
+        built = 1 + int(getattr(self.model, "extra_batches", 0))
+        if (built, self.stages.total_epochs) != (samplers, epochs):
+            # a method whose spec does not say its extra batches: plan the stream again
             self.streams.close()
-            self.streams = Streams(w, spec, built[1], built[0])
+            self.streams = Streams(w, spec, self.stages.total_epochs, built)
             if early:
                 self.streams.start(0)
         self.checkpoints = Checkpoints(w, self.model, self.stages, scaler, self.progress)
