@@ -227,6 +227,58 @@ def test_no_trial_starts_that_could_not_report_its_first_epoch_in_the_budget_lef
     assert unlimited.budget is None and unlimited.suggest("x") not in (None, Searcher.FINISHED)
 
 
+def test_a_configuration_of_a_kind_too_slow_for_the_budget_left_is_never_started(
+    tmp_path, monkeypatch, capsys
+):
+    """Once the configuration is sampled, its kind (categorical choices: DSTS's UDL on or off)
+    is held to the quickest first epoch of its own kind: a refused one reaches Optuna as FAIL,
+    saying why, and is never a Tune trial; TPE is asked again, and a cheaper kind may start."""
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search import Searcher
+
+    import finegrain.platform.tune as tune_module
+
+    now = [1000.0]
+    monkeypatch.setattr(tune_module.time, "time", lambda: now[0])
+    space = {
+        "model.udl": {"type": "choice", "values": [True, False]},
+        "optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1},
+    }
+    search = optuna_searcher(space, "k", tmp_path / "k.db", seed=0, time_budget=300)
+    search.set_search_properties("val/top1", "max", {})
+    for udl in (True, False, True, False, True, True, True):  # what TPE hands out, in order
+        search._ot_study.enqueue_trial({"model.udl": udl})
+
+    def epoch(trial_id: str, seconds: float) -> None:
+        now[0] += seconds
+        search.on_trial_result(trial_id, {"val/top1": 20.0, "training_iteration": 1})
+
+    assert search.suggest("a")["model.udl"] is True
+    epoch("a", 150)
+    assert search.suggest("b")["model.udl"] is False  # any kind: 150 s left >= 150
+    epoch("b", 60)
+    assert search.budget.needed((("model.udl", True),)) == 150 and search.budget.left == 90
+    assert search.suggest("c")["model.udl"] is False  # UDL refused (90 < 150), then plain
+    out = capsys.readouterr().out
+    assert (
+        "a sampled configuration not started: 90 s of the time budget left, less than trials "
+        "with model.udl=True took to their first epoch (150 s)"
+    ) in out
+    epoch("c", 30)  # the quickest now 30 s; 60 s left: only plain trials fit
+    assert search.suggest("d") == Searcher.FINISHED  # three UDL draws in a row
+    assert "no new trials: 3 configurations sampled in a row could not report" in (
+        capsys.readouterr().out
+    )
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{tmp_path / 'k.db'}")
+    refused = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(refused) == 4 and all(t.params["model.udl"] for t in refused)
+    assert all("not started" in t.user_attrs[tune_module.NOT_STARTED] for t in refused)
+    assert all(tune_module.TUNE_TRIAL_ID not in t.user_attrs for t in refused)
+    started = [t.user_attrs.get(tune_module.TUNE_TRIAL_ID) for t in study.trials]
+    assert [t for t in started if t] == ["a", "b", "c"]
+
+
 def test_asha_sends_no_trial_past_the_first_rung_before_a_quorum_has_reached_it():
     """One trial at a time: Ray's ASHA let the first trial train every epoch whatever its score;
     here the first rung needs η (= 3) trials before any goes on, then Ray's rule applies."""
@@ -953,7 +1005,7 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
     # the budget must stop a running trial here: the sweep's searcher would not start the
     # second one where the budget left is shorter than the first one's first epoch (a test of
     # its own above), which on a loaded machine it may be
-    monkeypatch.setattr(FirstEpochBudget, "admits", lambda self, trial_id: True)
+    monkeypatch.setattr(FirstEpochBudget, "fits", lambda self, kind=None: True)
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
     first = sorted(bad.glob("shards/train-*.parquet"))[0]

@@ -196,6 +196,7 @@ class ComparedASHA(ASHAScheduler):
 
 
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
+NOT_STARTED = "not_started"  # ... saying why a sampled configuration never became a trial
 
 
 class FirstEpochBudget:
@@ -205,10 +206,13 @@ class FirstEpochBudget:
     Tune's time budget stops whatever runs when it ends, so a trial started in its last minute
     is stopped before it reports anything: its ~30 s of start-up (trial actor, Train V2
     controller and worker group, decode actors) and its partial epoch are lost, and the sweep
-    ends no sooner. Here no trial starts once the budget left is shorter than the quickest
-    trial so far took from its start to its first result (a lower bound for the next one:
-    configurations differ in cost). Tune has no such rule, and Optuna's pruners act on running
-    trials, not on starting them.
+    ends no sooner. Here no trial starts once the budget left is shorter than the time a trial
+    of its kind took from its start to its first result — the quickest such trial so far, a
+    lower bound for the next one. A trial's kind is its categorical choices (DSTS's
+    ``model.udl``: in the demo a UDL trial took 102–122 s to its first epoch, a plain one
+    37–60 s), or any kind while its configuration is unknown or no trial of its kind has
+    reported. Tune has no such rule, and Optuna's pruners act on running trials, not on
+    starting them.
 
     The clock runs like Tune's ``TimeoutStopper``: from the first check, across ``--resume``
     with what was left (a restored copy restarts its clock and forgets trials in flight).
@@ -217,8 +221,9 @@ class FirstEpochBudget:
     def __init__(self, seconds: float) -> None:
         self.left = float(seconds)
         self.quickest: float | None = None  # seconds from a trial's start to its first result
+        self.quickest_of: dict[tuple, float] = {}  # the same, per kind of trial
         self._tick: float | None = None
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, tuple]] = {}
 
     def _elapse(self) -> float:
         now = time.time()
@@ -227,24 +232,52 @@ class FirstEpochBudget:
         self._tick = now
         return now
 
-    def admits(self, trial_id: str) -> bool:
-        """Whether trial ``trial_id`` may start now (it is timed from here if so)."""
-        now = self._elapse()
-        if self.quickest is not None and self.left < self.quickest:
+    def needed(self, kind: tuple | None = None) -> float | None:
+        """The least a trial of ``kind`` (None: of any) has taken to its first result."""
+        return self.quickest_of.get(kind, self.quickest) if kind is not None else self.quickest
+
+    def fits(self, kind: tuple | None = None) -> bool:
+        """Whether a trial of ``kind`` (None: of any) could report its first epoch in time."""
+        self._elapse()
+        return (needed := self.needed(kind)) is None or self.left >= needed
+
+    def admits(self, trial_id: str, kind: tuple = ()) -> bool:
+        """Whether trial ``trial_id`` of ``kind`` may start now (it is timed from here if so)."""
+        if not self.fits(kind):
             return False
-        self._started[trial_id] = now
+        self._started[trial_id] = (self._tick, kind)
         return True
 
     def first_result(self, trial_id: str) -> None:
         """Trial ``trial_id`` reported (its first result times it; later ones do nothing)."""
-        began = self._started.pop(trial_id, None)
+        began, kind = self._started.pop(trial_id, (None, ()))
         if began is not None:
             taken = self._elapse() - began
             self.quickest = taken if self.quickest is None else min(self.quickest, taken)
+            self.quickest_of[kind] = min(self.quickest_of.get(kind, taken), taken)
 
     def __setstate__(self, state: dict) -> None:
         state["_tick"], state["_started"] = None, {}
+        state.setdefault("quickest_of", {})  # (a sweep saved before kinds were timed)
         self.__dict__.update(state)
+
+
+def trial_kind(ot_trial) -> tuple:
+    """An Optuna trial's categorical choices, ``(("model.udl", True),)``: what sets a
+    configuration's cost apart most (numbers in a range change it by degrees)."""
+    from optuna.distributions import CategoricalDistribution
+
+    return tuple(
+        sorted(
+            (name, ot_trial.params[name])
+            for name, dist in ot_trial.distributions.items()
+            if isinstance(dist, CategoricalDistribution)
+        )
+    )
+
+
+def _kind_text(kind: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kind) or "its kind"
 
 
 @dataclass
@@ -324,23 +357,47 @@ def _optuna_search_class():
         :class:`FirstEpochBudget` it starts no trial that could not report an epoch in time."""
 
         budget: FirstEpochBudget | None = None  # (also in a sweep saved before budgets)
+        # configurations sampled per trial before the sweep ends for lack of time: each
+        # refused one is a new draw from TPE, so a cheaper kind may still fit
+        ASKS = 3
 
         def __init__(self, *args, budget: FirstEpochBudget | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.budget = budget
 
         def suggest(self, trial_id):
-            if (b := self.budget) is not None and not b.admits(trial_id):
+            if (b := self.budget) is not None and not b.fits():
                 print(
                     f"no new trials: {max(b.left, 0):.0f} s of the time budget left, less than "
                     f"the quickest trial took to its first epoch ({b.quickest:.0f} s)",
                     flush=True,
                 )
                 return Searcher.FINISHED
-            config = super().suggest(trial_id)
-            if trial_id in self._ot_trials:  # what `settle_study` finds it by
-                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
-            return config
+            for _ in range(self.ASKS):
+                config = super().suggest(trial_id)
+                if trial_id not in self._ot_trials:
+                    return config
+                ot_trial = self._ot_trials[trial_id]
+                if b is None or b.admits(trial_id, kind := trial_kind(ot_trial)):
+                    ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)  # what `settle_study` finds
+                    return config
+                # a configuration of a kind that has taken longer to a first epoch than is
+                # left: Optuna is told it FAILED (TPE learns nothing from it), never started
+                why = (
+                    f"not started: {max(b.left, 0):.0f} s of the time budget left, less than "
+                    f"trials with {_kind_text(kind)} took to their first epoch "
+                    f"({b.needed(kind):.0f} s)"
+                )
+                ot_trial.set_user_attr(NOT_STARTED, why)
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                del self._ot_trials[trial_id]
+                print(f"a sampled configuration {why}", flush=True)
+            print(
+                f"no new trials: {self.ASKS} configurations sampled in a row could not report "
+                f"a first epoch in the {max(b.left, 0):.0f} s left",
+                flush=True,
+            )
+            return Searcher.FINISHED
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             reported = (
