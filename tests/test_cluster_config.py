@@ -186,3 +186,19 @@ def test_working_dir_upload_leaves_out_venv_data_and_runs(tmp_path, include_giti
     files = {n for n in uploaded if not n.endswith("/")}
     assert set(keep) <= files
     assert not files & set(drop), sorted(files & set(drop))
+
+
+def test_a_stream_kept_after_the_commands_log_closed_still_prints_to_the_console(tmp_path, capsys):
+    """Ray's log thread keeps the stream it found at ``ray.init``: a worker line it prints after
+    the command's log file closed reaches the console, and does not raise."""
+    import sys
+
+    from finegrain.platform.logs import console_log
+
+    with console_log(tmp_path, "cmd") as path:
+        kept = sys.stdout  # what Ray's print thread holds
+        print("during")
+    kept.write("after the log closed\n")
+    kept.flush()
+    assert "during" in path.read_text() and "after the log closed" not in path.read_text()
+    assert "after the log closed" in capsys.readouterr().out

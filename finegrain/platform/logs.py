@@ -154,11 +154,16 @@ class _Tee:
         self.console, self.file = console, file
 
     def write(self, text: str) -> int:
-        self.file.write(text)
+        # Ray's log thread keeps the stream it found at ``ray.init`` as its sink and may still
+        # print workers' last lines after the command's log file closed: those reach the
+        # console only (a write to the closed file killed that thread, and later lines with it)
+        if not self.file.closed:
+            self.file.write(text)
         return self.console.write(text)
 
     def flush(self) -> None:
-        self.file.flush()
+        if not self.file.closed:
+            self.file.flush()
         self.console.flush()
 
     def __getattr__(self, name):
