@@ -9,7 +9,9 @@ Optuna sees the truth: the space is define-by-run (a parameter with ``when`` is 
 when its condition holds: ``model.udl_inner_lr`` only with ``model.udl: true``), every epoch's
 val top-1 is reported to the trial as an intermediate value, and a trial that ASHA (or the time
 budget) stopped before its last epoch is told to Optuna as PRUNED, not as COMPLETE with an
-early score: TPE ranks pruned trials by how far they got. The study lives in
+early score: TPE ranks pruned trials by how far they got. A sampled configuration that the time
+budget left could not take to a first epoch (:class:`FirstEpochBudget`) is told to Optuna as
+FAIL with the reason, never started, and TPE is asked again. The study lives in
 ``<run dir>/tune/NAME/optuna.db`` (Optuna's RDB storage), so ``--resume`` continues the same
 study and the parent run's pictures are drawn from it.
 
