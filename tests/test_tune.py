@@ -1102,7 +1102,8 @@ def test_a_time_budget_that_stops_a_training_trial_leaks_nothing(tmp_path, shard
 def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path, capsys):
     """A trial the time budget stopped just as its epoch ended has no result in Tune (or one
     epoch less than it ran), but its epoch is in its MLflow run: the sweep's table lists it from
-    there, and the best configuration is the reconciled table's."""
+    there (what the space sampled: not a conditional key's default), and the best
+    configuration is the reconciled table's."""
     from types import SimpleNamespace
 
     import pandas as pd
@@ -1122,19 +1123,34 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path, c
         client.log_batch(
             rid,
             metrics=[Metric("val/top1", v, 0, i + 1) for i, v in enumerate(curve)],
-            params=[Param("model.neurons", "7")],
+            params=[  # a run logs its whole config, unsampled keys too
+                Param("model.neurons", "7"),
+                Param("model.udl", "false" if trial == "bbb" else "true"),
+                Param("model.udl_alpha_scale", "1.0"),
+                Param("optim.momentum", "0.9"),
+            ],
         )
+    space = {
+        "model.neurons": {"type": "int", "low": 2, "high": 16},
+        "model.udl": {"type": "choice", "values": [True, False]},
+        "model.udl_alpha_scale": {
+            "type": "uniform", "low": 0.5, "high": 3.0, "when": {"model.udl": True}
+        },
+    }  # fmt: skip
     tune_rows = pd.DataFrame(
-        [{"model.neurons": 4, "val/best_top1": 50.0, "val/top1_last": 50.0, "epochs": 2,
-          "trial_id": "aaa"},
-         {"model.neurons": 3, "val/best_top1": 10.0, "val/top1_last": 10.0, "epochs": 1,
+        [{"model.neurons": 4, "model.udl": True, "model.udl_alpha_scale": 2.0,
+          "val/best_top1": 50.0, "val/top1_last": 50.0, "epochs": 2, "trial_id": "aaa"},
+         {"model.neurons": 3, "model.udl": True, "model.udl_alpha_scale": 2.0,
+          "val/best_top1": 10.0, "val/top1_last": 10.0, "epochs": 1,
           "trial_id": "ddd"}]  # Tune missed ddd's second epoch
     )  # fmt: skip
-    table = _with_unreported(tune_rows, uri, parent, "sw")
+    table = _with_unreported(tune_rows, uri, parent, "sw", space)
     assert table["trial_id"].tolist() == ["ddd", "aaa", "bbb"]  # ccc finished no epoch
     ddd, bbb = table.iloc[0], table.iloc[2]
     assert (ddd["val/best_top1"], ddd["val/top1_last"], ddd["epochs"]) == (60.0, 60.0, 2)
     assert (bbb["model.neurons"], bbb["val/best_top1"], bbb["epochs"]) == (7, 20.0, 1)
+    assert not bbb["model.udl"] and pd.isna(bbb["model.udl_alpha_scale"])  # not sampled
+    assert "optim.momentum" not in table  # not searched
     assert "stopped 2 trial(s) as an epoch was reported" in capsys.readouterr().out
 
     def result(trial_id, neurons):
@@ -1143,7 +1159,10 @@ def test_the_sweep_table_accounts_for_a_trial_stopped_as_it_reported(tmp_path, c
     assert _best(table, [result("aaa", 4), result("ddd", 3)]) == ({"model.neurons": 3}, 60.0)
     # the best trial has no Tune result at all: its sampled values come from the table
     only_mlflow = table[table["trial_id"] == "bbb"].reset_index(drop=True)
-    assert _best(only_mlflow, [result("aaa", 4)]) == ({"model.neurons": 7}, 20.0)
+    assert _best(only_mlflow, [result("aaa", 4)]) == (
+        {"model.neurons": 7, "model.udl": False},
+        20.0,
+    )
 
 
 def test_the_sweep_accounts_for_every_trial_by_how_it_ended(tmp_path):

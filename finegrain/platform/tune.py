@@ -129,8 +129,7 @@ class DefineByRun:
     def __call__(self, trial) -> None:
         values: dict[str, Any] = {}
         for key, spec in self.space.items():
-            when = spec.get("when") or {}
-            if any(k not in values or values[k] != v for k, v in when.items()):
+            if not applies(spec, values):
                 continue
             kind = spec["type"]
             if kind == "int":
@@ -141,6 +140,23 @@ class DefineByRun:
                 values[key] = trial.suggest_float(
                     key, float(spec["low"]), float(spec["high"]), log=kind == "loguniform"
                 )
+
+
+def applies(spec: dict, values: dict[str, Any]) -> bool:
+    """Whether a key of the space is sampled, given the values sampled before it (its
+    ``when`` conditions hold)."""
+    when = spec.get("when") or {}
+    return all(k in values and values[k] == v for k, v in when.items())
+
+
+def sampled_only(space: dict[str, dict], config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``config`` (a whole configuration, e.g. a run's logged params) that
+    ``space`` would have sampled: a conditional key whose condition failed is left out."""
+    values: dict[str, Any] = {}
+    for key, spec in space.items():
+        if key in config and applies(spec, values):
+            values[key] = config[key]
+    return values
 
 
 def load_space(path: str | None, method: str, optimizer: str = "sgd") -> dict[str, dict]:
@@ -609,7 +625,7 @@ def run_sweep(
             raise
         close_stopped_children(uri, parent)
         cluster.wait_released()  # (a stopped trial may still log its last epoch meanwhile)
-        table = _with_unreported(_results_table(results), uri, parent, name)
+        table = _with_unreported(_results_table(results), uri, parent, name, space)
         logged = {}  # what each trial's MLflow run holds: Optuna is told that
         if {"trial_id", "epochs", LAST_TOP1} <= set(table.columns):
             done = table[table["epochs"].notna() & table[LAST_TOP1].notna()]
@@ -726,13 +742,15 @@ def _results_table(results):
     return df.sort_values(BEST_TOP1, ascending=False).reset_index(drop=True)
 
 
-def _with_unreported(df, uri: str, parent: str, sweep: str):
+def _with_unreported(df, uri: str, parent: str, sweep: str, space: dict[str, dict]):
     """``df`` reconciled with the trials' MLflow runs. A trial that the time budget stopped just
     as an epoch ended logged that epoch to its MLflow run (the trainer logs directly) before its
     report reached Tune: Tune holds no result for it (its row comes from MLflow, so the table
     accounts for every trial that finished an epoch), or one epoch less than it ran (its row's
     epochs and top-1 are updated from MLflow: in the demo a trial that had run all 4 epochs, and
-    was counted so, was listed with 3)."""
+    was counted so, was listed with 3). A row from MLflow holds what ``space`` sampled (a run
+    logs its whole config: a conditional key that was not sampled is left empty, as in Tune's
+    rows, not filled with the config's default)."""
     import pandas as pd
 
     client = tracking.tracking_client(uri)
@@ -765,7 +783,8 @@ def _with_unreported(df, uri: str, parent: str, sweep: str):
                     df.at[i, key] = value
                 refreshed += 1
             continue
-        config = {k: _param(run.data.params.get(k)) for k in df.columns if "." in k}
+        params = {k: _param(v) for k, v in run.data.params.items()}
+        config = sampled_only(space, params)
         rows.append(config | logged | {"trial_id": trial_id})
     if rows or refreshed:
         print(
