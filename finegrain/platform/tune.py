@@ -783,7 +783,8 @@ def _with_unreported(df, uri: str, parent: str, sweep: str, space: dict[str, dic
                     df.at[i, key] = value
                 refreshed += 1
             continue
-        params = {k: _param(v) for k, v in run.data.params.items()}
+        logged_params = run.data.params
+        params = {k: _param(logged_params[k]) for k in space if k in logged_params}
         config = sampled_only(space, params)
         rows.append(config | logged | {"trial_id": trial_id})
     if rows or refreshed:
