@@ -227,8 +227,8 @@ class FirstEpochBudget:
     ends no sooner. Here no trial starts once the budget left is shorter than the time a trial
     of its kind took from its start to its first result — the quickest such trial so far, a
     lower bound for the next one. A trial's kind is its categorical choices (DSTS's
-    ``model.udl``: in the demo a UDL trial took 102–122 s to its first epoch, a plain one
-    37–60 s), or any kind while its configuration is unknown or no trial of its kind has
+    ``model.udl``: in the demo a UDL trial took 95–122 s to its first epoch, a plain one
+    47–68 s), or any kind while its configuration is unknown or no trial of its kind has
     reported. Tune has no such rule, and Optuna's pruners act on running trials, not on
     starting them.
 
