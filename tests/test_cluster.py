@@ -221,7 +221,7 @@ def test_a_local_ray_starts_no_mlflow_relay_and_neither_do_its_workers():
         ray.get(ray.remote(num_cpus=0)(tracking.start_relay).remote(uri))  # as a trial does
         with pytest.raises(ValueError):
             ray.get_actor(tracking._relay_name(uri))
-        assert tracking.ONE_NODE_ENV not in os.environ  # only the raylet and its workers had it
+        assert cluster.ONE_NODE_ENV not in os.environ  # only the raylet and its workers had it
     finally:
         ray.shutdown()
     ray.init(address="local", num_cpus=1, include_dashboard=False)  # not connect's: may grow

@@ -65,8 +65,9 @@ def _init(address: str | None, num_cpus: int | None, log_to_driver: bool) -> Non
     import ray
 
     hook = "finegrain.platform.logs.setup_worker"  # run in every worker this job starts
-    # the script of this job, for the MLflow runs its trials open (their process is Ray's)
-    from finegrain.platform.tracking import script_name
+    # the script of this job, for the MLflow runs its trials open (their process is Ray's);
+    # from paths, not tracking: starting Ray needs no MLflow (bench/gpu_check.py has none)
+    from finegrain.platform.paths import script_name
 
     source = script_name(sys.argv[0] if sys.argv else "")
     env_vars = {"FINEGRAIN_SOURCE": source}
@@ -83,8 +84,6 @@ def _init(address: str | None, num_cpus: int | None, log_to_driver: bool) -> Non
             logging_level="warning",
         )
         return
-    from finegrain.platform import tracking
-
     # One node: the raylet this starts, so every worker of it, inherits this process's
     # environment. The same variables and hook reach every worker through it, with no job
     # runtime env: with one (any, even env_vars only), Ray starts each worker as setup_worker.py,
@@ -93,8 +92,8 @@ def _init(address: str | None, num_cpus: int | None, log_to_driver: bool) -> Non
     # starts ~15 processes, a sweep ~15 per trial). default_worker.py runs the hook named by
     # Ray's WORKER_PROCESS_SETUP_HOOK_ENV_VAR, the variable a runtime env's hook is passed in.
     # This process keeps its own environment (a later connect must not follow this cluster);
-    # it remembers the cluster's address instead (see tracking.ONE_NODE_ENV).
-    inherited = {**env_vars, tracking.ONE_NODE_ENV: "1", _hook_variable(): hook}
+    # it remembers the cluster's address instead (see ONE_NODE_ENV).
+    inherited = {**env_vars, ONE_NODE_ENV: "1", _hook_variable(): hook}
     saved = {key: os.environ.get(key) for key in inherited}
     os.environ.update(inherited)
     try:
@@ -112,7 +111,31 @@ def _init(address: str | None, num_cpus: int | None, log_to_driver: bool) -> Non
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    tracking.mark_one_node(ray.get_runtime_context().gcs_address)
+    mark_one_node(ray.get_runtime_context().gcs_address)
+
+
+# A Ray that :func:`connect` started on this machine (``address="local"``) has one node,
+# whose processes all reach a local store directly: it needs no relay (whose start — a process
+# importing MLflow — held up each new driver by 2-4 s). Its raylet, so every worker of it, is
+# started with ONE_NODE_ENV set; the driver remembers that cluster's GCS address (and not the
+# variable, which would outlive that cluster in a process that later joins a real one).
+ONE_NODE_ENV = "FINEGRAIN_ONE_NODE_RAY"
+_ONE_NODE_GCS: list[str] = []
+
+
+def mark_one_node(gcs_address: str) -> None:
+    """Called by the process that just started a local Ray: its cluster has one node."""
+    _ONE_NODE_GCS[:] = [gcs_address]
+
+
+def on_one_node_ray() -> bool:
+    """Whether this process is on a one-node Ray that a ``connect`` of this machine started
+    (its processes reach a local MLflow store directly: ``tracking.start_relay``)."""
+    import ray
+
+    if os.environ.get(ONE_NODE_ENV) == "1":  # a worker of a local Ray
+        return True
+    return bool(_ONE_NODE_GCS) and ray.get_runtime_context().gcs_address == _ONE_NODE_GCS[0]
 
 
 def _hook_variable() -> str:

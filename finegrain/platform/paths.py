@@ -25,3 +25,14 @@ def run_root(run_dir: str | os.PathLike) -> Path:
 def artifact_root(run_dir: str | os.PathLike) -> Path:
     """The embedded store's artifact folder, ``<run dir>/mlartifacts``."""
     return run_root(run_dir) / "mlartifacts"
+
+
+def script_name(path: str) -> str:
+    """The script a command ran, relative to the project when it is in it."""
+    if not path:
+        return "python"
+    script = Path(path).resolve()
+    try:
+        return str(script.relative_to(project_root()))
+    except ValueError:
+        return script.name

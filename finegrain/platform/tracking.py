@@ -47,7 +47,13 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from finegrain.datasets.layout import CLASSES_FILE, SHARDS_DIR  # noqa: E402
-from finegrain.platform.paths import artifact_root, project_root, run_root  # noqa: E402
+from finegrain.platform.cluster import on_one_node_ray  # noqa: E402
+from finegrain.platform.paths import (  # noqa: E402
+    artifact_root,
+    project_root,
+    run_root,
+    script_name,
+)
 
 # artifact_root, project_root and run_root live in .paths (no MLflow there); callers that import
 # them from here keep working.
@@ -186,17 +192,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def script_name(path: str) -> str:
-    """The script a command ran, relative to the project when it is in it."""
-    if not path:
-        return "python"
-    script = Path(path).resolve()
-    try:
-        return str(script.relative_to(project_root()))
-    except ValueError:
-        return script.name
 
 
 def source_tags() -> dict[str, str]:
@@ -480,35 +475,13 @@ class RelayedClient:
         self.log_files(run_id, {base: buf.getvalue()}, folder or None)
 
 
-# A Ray that ``cluster.connect`` started on this machine (``address="local"``) has one node,
-# whose processes all reach a local store directly: it needs no relay (whose start — a process
-# importing MLflow — held up each new driver by 2-4 s). Its raylet, so every worker of it, is
-# started with ONE_NODE_ENV set; the driver remembers that cluster's GCS address (and not the
-# variable, which would outlive that cluster in a process that later joins a real one).
-ONE_NODE_ENV = "FINEGRAIN_ONE_NODE_RAY"
-_ONE_NODE_GCS: list[str] = []
-
-
-def mark_one_node(gcs_address: str) -> None:
-    """Called by the process that just started a local Ray: its cluster has one node."""
-    _ONE_NODE_GCS[:] = [gcs_address]
-
-
-def _on_one_node_ray() -> bool:
-    import ray
-
-    if os.environ.get(ONE_NODE_ENV) == "1":  # a worker of a local Ray
-        return True
-    return bool(_ONE_NODE_GCS) and ray.get_runtime_context().gcs_address == _ONE_NODE_GCS[0]
-
-
 def start_relay(uri: str) -> None:
     """In the driver, with Ray up: the relay for ``uri`` on this node, if ``uri`` is local and
     the cluster may have other nodes."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not is_local(uri) or not ray.is_initialized() or uri in _OWNED or _on_one_node_ray():
+    if not is_local(uri) or not ray.is_initialized() or uri in _OWNED or on_one_node_ray():
         return
     node = ray.get_runtime_context().get_node_id()
     relay = (
