@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                      # on a GPU machine (<= 6 minutes on one GPU)
     python bench/gpu_check.py --device cpu --tiny  # the dry run (gloo, seconds; in the tests)
+    python bench/gpu_check.py --shards DIR         # on shards built elsewhere (no encoder there)
 
 It builds its own small synthetic shards (no download), starts a local Ray sized to the
 machine, and runs everything inside one 1-worker ``TorchTrainer`` (NCCL on GPU, gloo on CPU:
@@ -11,11 +12,15 @@ UDL off: its meta step needs a second stream, which is not what this measures):
 
 - **feed**: clips/s of the training step fed (a) by the Ray Data pipeline (decode actors sized
   to the machine's cores, uint8 clips to the device with ``non_blocking``, normalised there) and
-  (b) by the same clips already in device memory; a/b (goal >= 0.9: the pipeline is never the
-  bottleneck). Both count the steps after the first (start-up is shown separately).
-- **amp**: step time in bf16 autocast vs fp32 on the in-memory clips, and the loss after
-  ``--steps`` steps from the same initialisation and batches (finite, within ``--amp-tol`` of
-  fp32's, relative).
+  (b) by clips already in device memory, timed twice: before (a), on random clips of the same
+  shape, and after it, on (a)'s clips; a/b against the faster (goal >= 0.9: the pipeline is
+  never the bottleneck). All count the steps after the first (start-up is shown separately);
+  beside them the stepping thread's CPU ms per step (a step the host cannot queue fast enough
+  shows a CPU time near its wall time).
+- **amp**: step time in bf16 autocast vs fp32 on the in-memory clips, from the same
+  initialisation and batches: the first step's loss (the numerics: within ``--amp-tol`` of
+  fp32's, relative) and the loss after ``--steps`` steps (finite; shown, not compared: DSTS's
+  discrete routing may take another path once bf16 flips one choice)
 - **DSTS eval**: wall time of an evaluation forward with N=10 neurons vs N=1 (goal <= 1.1x:
   grouping the clips by neuron must not cost what the FLOPs saved).
 - **peak memory** of the device per configuration (GPU only).
@@ -113,16 +118,19 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple[float, float]:
-    """(seconds per step after the first, loss of the last step) over in-memory ``batches``."""
+def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple:
+    """(seconds per step after the first, loss of the first step, loss of the last step, CPU
+    seconds per step of this thread) over in-memory ``batches``."""
     model.train()
     loss = _step(model, opt, *batches[0], autocast, to_model_input)
-    _sync(device)
-    start = time.perf_counter()
+    first = float(loss.detach())
+    start, cpu = time.perf_counter(), time.thread_time()
     for clips, labels in batches[1:]:
         loss = _step(model, opt, clips, labels, autocast, to_model_input)
     _sync(device)
-    return (time.perf_counter() - start) / max(1, len(batches) - 1), float(loss.detach())
+    n = max(1, len(batches) - 1)
+    cpu = (time.thread_time() - cpu) / n
+    return (time.perf_counter() - start) / n, first, float(loss.detach()), cpu
 
 
 def check_worker(config: dict) -> None:
@@ -166,10 +174,23 @@ def check_worker(config: dict) -> None:
         ds = build_clip_dataset(
             config["shards"], "train", clip, train=True, seed=0, epochs=range(epochs)
         )
+        autocast = _autocast(device, bf16)
+        # (b) before any execution in this process: random clips of the same shape, in memory
+        g = torch.Generator().manual_seed(0)
+        shape = (batch, s["frames"], s["crop"], s["crop"], 3)
+        noise = [
+            (
+                torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(device),
+                torch.randint(0, classes, (batch,), generator=g).to(device),
+            )
+            for _ in range(steps + 1)
+        ]
+        model, opt = _build(cfg, classes, device)
+        before = _timed_steps(model, opt, noise, autocast, device, to_model_input)
+        del noise
         # (a) fed by the pipeline: the clips of the epochs in order, to the device as they come
         model, opt = _build(cfg, classes, device)
-        autocast = _autocast(device, bf16)
-        cached, started, start_up = [], time.perf_counter(), 0.0
+        cached, started, start_up, cpu = [], time.perf_counter(), 0.0, 0.0
         feed = iter_clip_batches(ds, batch, device=device)
         for b in feed:
             if len(b["labels"]) < batch:
@@ -179,17 +200,21 @@ def check_worker(config: dict) -> None:
             if len(cached) == 1:
                 _sync(device)
                 start_up, started = time.perf_counter() - started, time.perf_counter()
+                cpu = time.thread_time()
             if len(cached) == steps + 1:
                 break
         _sync(device)
         fed = steps * batch / (time.perf_counter() - started)
+        fed_cpu = (time.thread_time() - cpu) / steps
         feed.close()  # ends the execution: its decode actors free their CPUs for the next one
         del feed, ds
         gc.collect()
-        # (b) the same clips already in device memory, a fresh model from the same seed
+        # (b) again after it: the same clips, already in device memory, a fresh model from the
+        # same seed. The faster of the two is the device's rate (a first H200 run had (b) after
+        # the feed 1.4-1.6x slower than the feed itself: the two timings tell the next one why)
         model, opt = _build(cfg, classes, device)
-        step_s, _ = _timed_steps(model, opt, cached, autocast, device, to_model_input)
-        resident = batch / step_s
+        after = _timed_steps(model, opt, cached, autocast, device, to_model_input)
+        resident = batch / min(before[0], after[0])
         # bf16 vs fp32: same initialisation, same batches, unwrapped (no DDP hooks in the way)
         amp = {}
         for label, use in (("fp32", False), ("bf16", True)):
@@ -203,11 +228,20 @@ def check_worker(config: dict) -> None:
                 "start_up_s": start_up,
                 "fed_clips_s": fed,
                 "resident_clips_s": resident,
+                "resident_before_clips_s": batch / before[0],
+                "resident_after_clips_s": batch / after[0],
                 "feed_ratio": fed / resident,
+                "cpu_ms_per_step": {
+                    "fed": 1e3 * fed_cpu,
+                    "before": 1e3 * before[3],
+                    "after": 1e3 * after[3],
+                },
                 "fp32_step_s": amp["fp32"][0],
                 "bf16_step_s": amp["bf16"][0],
                 "fp32_loss": amp["fp32"][1],
                 "bf16_loss": amp["bf16"][1],
+                "fp32_last_loss": amp["fp32"][2],
+                "bf16_last_loss": amp["bf16"][2],
                 "dsts_eval_ratio": _dsts_eval_ratio(cfg, classes, cached, device, to_model_input)
                 if cfg[1] == "dsts"
                 else None,
@@ -255,25 +289,31 @@ def table(rows: list[dict], header: str, amp_tol: float) -> tuple[str, bool]:
     lines = [
         header,
         "",
-        "| configuration | start-up s | (a) Ray Data clips/s | (b) in-memory clips/s | a/b "
-        "(≥ 0.9) | fp32 s/step | bf16 s/step | loss fp32 → bf16 | DSTS eval N=10/N=1 (≤ 1.1) "
+        "| configuration | start-up s | (a) Ray Data clips/s | (b) in-memory clips/s, before "
+        "/ after (a) | a/b (≥ 0.9) | CPU ms/step a / b before / after | fp32 s/step | bf16 s/step | step-1 loss fp32 → bf16 | last loss fp32 → bf16 "
+        "| DSTS eval N=10/N=1 (≤ 1.1) "
         "| peak GiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     ok = True
     for r in rows:
         loss_ok = math.isfinite(r["bf16_loss"]) and abs(r["bf16_loss"] - r["fp32_loss"]) <= (
             amp_tol * max(1.0, abs(r["fp32_loss"]))
         )
+        last_ok = math.isfinite(r["bf16_last_loss"]) and math.isfinite(r["fp32_last_loss"])
         feed_ok = r["feed_ratio"] >= 0.9
         eval_ok = r["dsts_eval_ratio"] is None or r["dsts_eval_ratio"] <= 1.1
-        ok = ok and loss_ok and feed_ok and eval_ok
+        ok = ok and loss_ok and last_ok and feed_ok and eval_ok
         mark = lambda good: "" if good else " ✗"  # noqa: E731
+        c = r["cpu_ms_per_step"]
         lines.append(
             f"| {r['config']} | {r['start_up_s']:.1f} | {r['fed_clips_s']:.1f} | "
-            f"{r['resident_clips_s']:.1f} | {r['feed_ratio']:.2f}{mark(feed_ok)} | "
+            f"{r['resident_before_clips_s']:.1f} / {r['resident_after_clips_s']:.1f} | "
+            f"{r['feed_ratio']:.2f}{mark(feed_ok)} | "
+            f"{c['fed']:.1f} / {c['before']:.1f} / {c['after']:.1f} | "
             f"{r['fp32_step_s']:.3f} | {r['bf16_step_s']:.3f} | "
             f"{r['fp32_loss']:.3f} → {r['bf16_loss']:.3f}{mark(loss_ok)} | "
+            f"{r['fp32_last_loss']:.3f} → {r['bf16_last_loss']:.3f}{mark(last_ok)} | "
             f"{_f(r['dsts_eval_ratio'], '{:.2f}')}{'' if eval_ok else ' ✗'} | "
             f"{_f(r['peak_mem_gib'], '{:.2f}')} |"
         )
@@ -286,6 +326,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="seconds-long sizes (the CPU dry run)")
     p.add_argument("--steps", type=int, help="timed training steps per configuration")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "finegrain-gpu-check")
+    p.add_argument(
+        "--shards",
+        type=Path,
+        help="prepared shards (build_shards.py's output) instead of the synthetic ones made "
+        "under --work: a GPU machine without PyAV, or your own data",
+    )
     p.add_argument("--amp-tol", type=float, default=0.1, help="bf16 vs fp32 loss, relative")
     p.add_argument("--no-bf16-train", action="store_true", help="the fed/in-memory steps in fp32")
     args = p.parse_args(argv)
@@ -304,8 +350,16 @@ def main(argv=None) -> int:
         s["steps"] = args.steps
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"[gpu_check] synthetic shards in {args.work} ...", flush=True)
-    shards = make_shards(args.work, s)
+    if args.shards:
+        from finegrain.datasets.shards import is_current
+
+        if not is_current(args.shards):
+            p.error(f"--shards {args.shards}: no shards of this format there (build_shards.py)")
+        shards = args.shards.resolve()
+        print(f"[gpu_check] shards in {shards}", flush=True)
+    else:
+        print(f"[gpu_check] synthetic shards in {args.work} ...", flush=True)
+        shards = make_shards(args.work, s)
     cpus = os.cpu_count() or 2
     cluster.connect(num_cpus=cpus)
     cluster.watch_preemptions()  # as the training runs: no watcher where nothing drains nodes
