@@ -1,7 +1,7 @@
 """Model cost: parameters, forward GFLOPs (train / eval mode), and CPU time per train step.
 
     python bench/model_cost.py [--backbones tiny r2plus1d_18] [--methods ...] [--batch 2]
-                               [--reps 2] [--threads 1]
+                               [--reps 2] [--threads 1] [--device cpu|cuda]
 
 One table per backbone, clips ``(batch, 3, 8, 112, 112)``; r2plus1d_18 is built with
 ``keep_time=True`` (all rows) so that DSTS sees T = 4 time steps. Rows: every method of
@@ -15,7 +15,8 @@ step (forward with the meta step when the method has one, backward) counted the 
 own backbone features and one no-grad backbone pass over D_val — loss, backward, SGD step; the
 fastest of ``reps``, after the FLOP-counted step as warm-up), on ``--threads`` threads (default 1:
 on a shared machine, spinning OpenMP threads make multi-threaded timings swing by several x);
-``meta ms``: the meta step's share of it.
+``meta ms``: the meta step's share of it. ``--device cuda`` times the same steps on the GPU
+(synchronised around each timed region; FLOPs are counted the same way).
 
 Goals: DSTS eval FLOPs at N=10 <= 1.1x those at N=1 (issue 3); a UDL train step <= 1.5x a plain
 DSTS step on r2plus1d_18 (issue 11, METHODS.md revised: the D_val batch's no-grad backbone pass
@@ -56,7 +57,13 @@ def _gflops(fn: Callable[[], object]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(model: FineGrainModel, batch, extras, reps: int) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: FineGrainModel, batch, extras, reps: int, device=None) -> dict[str, float]:
+    device = device or torch.device("cpu")
     clips, labels = batch
     stage = model.training_stages()[0]
     model.begin_stage(0, lambda: iter([batch]), _noop_reduce)
@@ -68,8 +75,10 @@ def measure(model: FineGrainModel, batch, extras, reps: int) -> dict[str, float]
     if udl_step is not None:  # time the meta step inside the forward
 
         def timed(x, meta):
+            _sync(device)
             start = time.perf_counter()
             udl_step(x, meta)
+            _sync(device)
             meta_s.append(time.perf_counter() - start)
 
         model.udl_step = timed
@@ -98,8 +107,10 @@ def measure(model: FineGrainModel, batch, extras, reps: int) -> dict[str, float]
     times = []
     meta_s.clear()
     for _ in range(reps):
+        _sync(device)
         start = time.perf_counter()
         train_step()
+        _sync(device)
         times.append(time.perf_counter() - start)
     row["step ms"] = 1e3 * min(times)
     row["meta ms"] = 1e3 * min(meta_s) if meta_s else 0.0
@@ -115,8 +126,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     available, skipped = [], []
     for method in args.methods:
@@ -130,8 +145,11 @@ def main() -> None:
     shape = (args.batch, 3, args.frames, args.size, args.size)
     batch = (torch.randn(shape, generator=g), torch.randint(0, NUM_CLASSES, (args.batch,)))
     extras = [(torch.randn(shape, generator=g), torch.randint(0, NUM_CLASSES, (args.batch,)))]
+    batch = tuple(t.to(device) for t in batch)
+    extras = [tuple(t.to(device) for t in e) for e in extras]
     cols = ["params", "fwd GF train", "fwd GF eval", "step GF", "step ms", "meta ms"]
-    print(f"clips {shape}, {torch.get_num_threads()} CPU threads, {args.reps} timed reps")
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"clips {shape} on {on}, {torch.get_num_threads()} CPU threads, {args.reps} timed reps")
     if skipped:
         print("skipped: " + "; ".join(skipped))
 
@@ -147,7 +165,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 try:
                     model = build_model(method, NUM_CLASSES, backbone, **bb_options, **options)
-                    row = measure(model, batch, extras, args.reps)
+                    row = measure(model.to(device), batch, extras, args.reps, device)
                 except Exception as e:  # a method that cannot run here is reported, not fatal
                     print(f"| {name} | error: {type(e).__name__}: {e} |")
                     continue
