@@ -50,6 +50,7 @@ imported by the consumer-side functions and, in an actor, only if a clip needs r
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -987,6 +988,19 @@ class EpochBatches:
         self._exhausted = True
 
 
+@functools.cache
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple:
+    """``mean`` and ``std`` as ``(1, 3, 1, 1, 1)`` float32 tensors on ``device``, made once per
+    process: a tensor made from a Python list on a GPU is a blocking copy, which waits for every
+    kernel queued before it (one per step: the host could not queue a step ahead)."""
+    import torch
+
+    def stat(values: tuple) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+
+    return stat(mean), stat(std)
+
+
 def to_model_input(
     clips: torch.Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -1002,8 +1016,7 @@ def to_model_input(
         raise ValueError(
             f"clips must be uint8 (B, T, H, W, 3), got {clips.dtype} {tuple(clips.shape)}"
         )
-    m = torch.as_tensor(mean, dtype=torch.float32, device=clips.device).view(1, 3, 1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=clips.device).view(1, 3, 1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), clips.device)
     b, t, h, w, _ = clips.shape
     x = torch.empty((b, 3, t, h, w), dtype=torch.float32, device=clips.device)
     x.copy_(clips.permute(0, 4, 1, 2, 3))  # one pass: layout change and uint8 -> float

@@ -67,7 +67,8 @@ class MetaContext:
     each further sampler (model input, labels); reduce: averages tensors in place across the
     ranks; lr: the run's learning rate right now (after warm-up and schedule); optimizer: an
     optimizer of the run's type and rate over ``hook_parameters()`` (None without them).
-    The model writes scalars to log into ``stats``.
+    The model writes scalars to log into ``stats``: floats, or 0-d tensors that the loop reads
+    once an epoch (an ``.item()`` each step would make the host wait for the device).
     """
 
     labels: Tensor
@@ -75,7 +76,7 @@ class MetaContext:
     reduce: GradReducer
     lr: float
     optimizer: torch.optim.Optimizer | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

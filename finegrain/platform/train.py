@@ -312,13 +312,31 @@ def precise_bn(model: torch.nn.Module, batches, reduce) -> int:
     return used
 
 
-def all_ranks_have(flag: bool, device: torch.device) -> bool:
-    """True while every rank still has a batch (ranks must take the same number of steps)."""
+def all_ranks_have(flag: bool) -> bool:
+    """True while every rank still has a batch (ranks must take the same number of steps).
+
+    Asked before every step, so it is agreed on the host: over the default group when that is
+    gloo, else over a gloo group of the same ranks (:func:`control_group`). A flag on the GPU
+    (NCCL) waits for every kernel queued before it, so the host could never queue a step while
+    the device runs the previous one."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group())
     return bool(t.item())
+
+
+_CONTROL: dict = {}  # the default group it was made for -> the gloo group (None: default is gloo)
+
+
+def control_group():
+    """A gloo group of every rank for the training loop's host-side agreements (made on first
+    use, which every rank reaches at the same step; remade for a new default group)."""
+    world = dist.group.WORLD
+    if world not in _CONTROL:
+        _CONTROL.clear()
+        _CONTROL[world] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CONTROL[world]
 
 
 def autocast_context(cfg: ExperimentConfig, device: torch.device):
@@ -372,7 +390,7 @@ class Trainer:
             batch = next(batches, None)
             extras = streams.extras(epoch)
             ready = batch is not None and all(e is not None for e in extras)
-            if not all_ranks_have(ready, w.device):
+            if not all_ranks_have(ready):
                 break  # ranks take the same number of steps (the rest of the epoch is skipped)
             self.maybe_fail()
             model.progress = epoch + step / streams.steps_per_epoch
@@ -391,7 +409,7 @@ class Trainer:
                 output = stages.ddp(clips, meta=meta) if meta else stages.ddp(clips)
                 loss = model.loss(output, labels)
             for k, v in (meta.stats if meta else {}).items():
-                extra_stats.setdefault(k, []).append(float(v))
+                extra_stats.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
             stages.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -406,7 +424,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 stages.optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # on the device: .item() would wait for the step
             clips_seen += len(labels) + sum(len(e["labels"]) for e in extras)
             self.progress.global_step += 1
             step += 1
@@ -419,14 +437,17 @@ class Trainer:
             stages.hook_scheduler.step()
         elapsed = time.perf_counter() - start
         out = {
-            "train/loss": float(np.mean(losses)) if losses else float("nan"),
+            "train/loss": torch.stack(losses).float().mean().item() if losses else float("nan"),
             "train/clips_per_s": clips_seen * w.world / max(elapsed, 1e-9),
             "train/lr": lr,
         }
         # the method's own statistics under its name: DSTS's udl/train_loss → dsts/udl_train_loss
         method = cfg.model.method
         out.update(
-            {f"{method}/{k.replace('/', '_')}": float(np.mean(v)) for k, v in extra_stats.items()}
+            {
+                f"{method}/{k.replace('/', '_')}": float(np.mean([float(x) for x in v]))
+                for k, v in extra_stats.items()
+            }
         )
         return out
 

@@ -415,11 +415,11 @@ class DSTS(FineGrainModel):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-        meta.stats.update(
+        meta.stats.update(  # tensors: read once an epoch, not a wait for the device each step
             {
-                "udl/train_loss": loss.item(),
-                "udl/val_loss": val_loss.item(),
-                "udl/grad_norm": norm.item(),
+                "udl/train_loss": loss.detach(),
+                "udl/val_loss": val_loss.detach(),
+                "udl/grad_norm": norm.detach(),
                 "udl/alpha": alpha,
             }
         )
