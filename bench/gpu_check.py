@@ -15,8 +15,9 @@ UDL off: its meta step needs a second stream, which is not what this measures):
   (b) by clips already in device memory, timed twice: before (a), on random clips of the same
   shape, and after it, on (a)'s clips; a/b against the faster (goal >= 0.9: the pipeline is
   never the bottleneck). All count the steps after the first (start-up is shown separately);
-  beside them the stepping thread's CPU ms per step (a step the host cannot queue fast enough
-  shows a CPU time near its wall time).
+  beside them the CPU ms per step of the stepping thread (near the wall time per step: the
+  host cannot queue steps fast enough) and of the process's other threads (a busy one takes
+  the GIL the stepping thread needs).
 - **amp**: step time in bf16 autocast vs fp32 on the in-memory clips, from the same
   initialisation and batches: the first step's loss (the numerics: within ``--amp-tol`` of
   fp32's, relative) and the loss after ``--steps`` steps (finite; shown, not compared: DSTS's
@@ -120,17 +121,25 @@ def _autocast(device: torch.device, bf16: bool):
 
 def _timed_steps(model, opt, batches, autocast, device, to_model_input) -> tuple:
     """(seconds per step after the first, loss of the first step, loss of the last step, CPU
-    seconds per step of this thread) over in-memory ``batches``."""
+    seconds per step of this thread and of the process's other threads) over in-memory
+    ``batches``."""
     model.train()
     loss = _step(model, opt, *batches[0], autocast, to_model_input)
     first = float(loss.detach())
-    start, cpu = time.perf_counter(), time.thread_time()
+    start, cpu = time.perf_counter(), _cpu()
     for clips, labels in batches[1:]:
         loss = _step(model, opt, clips, labels, autocast, to_model_input)
     _sync(device)
     n = max(1, len(batches) - 1)
-    cpu = (time.thread_time() - cpu) / n
-    return (time.perf_counter() - start) / n, first, float(loss.detach()), cpu
+    thread, others = ((now - then) / n for now, then in zip(_cpu(), cpu))
+    return (time.perf_counter() - start) / n, first, float(loss.detach()), (thread, others)
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds so far of this thread and of this process's other threads (a busy one holds
+    the GIL the stepping thread needs to queue its kernels)."""
+    thread = time.thread_time()
+    return thread, time.process_time() - thread
 
 
 def check_worker(config: dict) -> None:
@@ -190,7 +199,7 @@ def check_worker(config: dict) -> None:
         del noise
         # (a) fed by the pipeline: the clips of the epochs in order, to the device as they come
         model, opt = _build(cfg, classes, device)
-        cached, started, start_up, cpu = [], time.perf_counter(), 0.0, 0.0
+        cached, started, start_up, cpu = [], time.perf_counter(), 0.0, (0.0, 0.0)
         feed = iter_clip_batches(ds, batch, device=device)
         for b in feed:
             if len(b["labels"]) < batch:
@@ -200,12 +209,12 @@ def check_worker(config: dict) -> None:
             if len(cached) == 1:
                 _sync(device)
                 start_up, started = time.perf_counter() - started, time.perf_counter()
-                cpu = time.thread_time()
+                cpu = _cpu()
             if len(cached) == steps + 1:
                 break
         _sync(device)
         fed = steps * batch / (time.perf_counter() - started)
-        fed_cpu = (time.thread_time() - cpu) / steps
+        fed_cpu = tuple((now - then) / steps for now, then in zip(_cpu(), cpu))
         feed.close()  # ends the execution: its decode actors free their CPUs for the next one
         del feed, ds
         gc.collect()
@@ -231,10 +240,11 @@ def check_worker(config: dict) -> None:
                 "resident_before_clips_s": batch / before[0],
                 "resident_after_clips_s": batch / after[0],
                 "feed_ratio": fed / resident,
+                # (this thread, the process's other threads) per timed step
                 "cpu_ms_per_step": {
-                    "fed": 1e3 * fed_cpu,
-                    "before": 1e3 * before[3],
-                    "after": 1e3 * after[3],
+                    "fed": [1e3 * t for t in fed_cpu],
+                    "before": [1e3 * t for t in before[3]],
+                    "after": [1e3 * t for t in after[3]],
                 },
                 "fp32_step_s": amp["fp32"][0],
                 "bf16_step_s": amp["bf16"][0],
@@ -290,7 +300,7 @@ def table(rows: list[dict], header: str, amp_tol: float) -> tuple[str, bool]:
         header,
         "",
         "| configuration | start-up s | (a) Ray Data clips/s | (b) in-memory clips/s, before "
-        "/ after (a) | a/b (≥ 0.9) | CPU ms/step a / b before / after | fp32 s/step | bf16 s/step | step-1 loss fp32 → bf16 | last loss fp32 → bf16 "
+        "/ after (a) | a/b (≥ 0.9) | CPU ms/step (thread+others) a / b before / after | fp32 s/step | bf16 s/step | step-1 loss fp32 → bf16 | last loss fp32 → bf16 "
         "| DSTS eval N=10/N=1 (≤ 1.1) "
         "| peak GiB |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -306,11 +316,11 @@ def table(rows: list[dict], header: str, amp_tol: float) -> tuple[str, bool]:
         ok = ok and loss_ok and last_ok and feed_ok and eval_ok
         mark = lambda good: "" if good else " ✗"  # noqa: E731
         c = r["cpu_ms_per_step"]
+        cpu = " / ".join("{:.1f}+{:.1f}".format(*c[k]) for k in ("fed", "before", "after"))
         lines.append(
             f"| {r['config']} | {r['start_up_s']:.1f} | {r['fed_clips_s']:.1f} | "
             f"{r['resident_before_clips_s']:.1f} / {r['resident_after_clips_s']:.1f} | "
-            f"{r['feed_ratio']:.2f}{mark(feed_ok)} | "
-            f"{c['fed']:.1f} / {c['before']:.1f} / {c['after']:.1f} | "
+            f"{r['feed_ratio']:.2f}{mark(feed_ok)} | {cpu} | "
             f"{r['fp32_step_s']:.3f} | {r['bf16_step_s']:.3f} | "
             f"{r['fp32_loss']:.3f} → {r['bf16_loss']:.3f}{mark(loss_ok)} | "
             f"{r['fp32_last_loss']:.3f} → {r['bf16_last_loss']:.3f}{mark(last_ok)} | "
