@@ -21,7 +21,7 @@ UDL off: its meta step needs a second stream, which is not what this measures):
 - **amp**: step time in bf16 autocast vs fp32 on the in-memory clips, from the same
   initialisation and batches: the first step's loss (the numerics: within ``--amp-tol`` of
   fp32's, relative) and the loss after ``--steps`` steps (finite; shown, not compared: DSTS's
-  discrete routing may take another path once bf16 flips one choice)
+  discrete routing may take another path once bf16 flips one choice).
 - **DSTS eval**: wall time of an evaluation forward with N=10 neurons vs N=1 (goal <= 1.1x:
   grouping the clips by neuron must not cost what the FLOPs saved).
 - **peak memory** of the device per configuration (GPU only).
@@ -299,9 +299,10 @@ def table(rows: list[dict], header: str, amp_tol: float) -> tuple[str, bool]:
     lines = [
         header,
         "",
-        "| configuration | start-up s | (a) Ray Data clips/s | (b) in-memory clips/s, before "
-        "/ after (a) | a/b (≥ 0.9) | CPU ms/step (thread+others) a / b before / after | fp32 s/step | bf16 s/step | step-1 loss fp32 → bf16 | last loss fp32 → bf16 "
-        "| DSTS eval N=10/N=1 (≤ 1.1) "
+        "| configuration | start-up s | (a) Ray Data clips/s "
+        "| (b) in-memory clips/s, before / after (a) | a/b (≥ 0.9) "
+        "| CPU ms/step (thread+others) a / b before / after | fp32 s/step | bf16 s/step "
+        "| step-1 loss fp32 → bf16 | last loss fp32 → bf16 | DSTS eval N=10/N=1 (≤ 1.1) "
         "| peak GiB |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]

@@ -3,6 +3,7 @@ sessions that have a GPU machine."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -27,7 +28,9 @@ def test_the_gpu_check_dry_runs_on_cpu_and_writes_its_table(tmp_path):
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    shards = gpu_check.make_shards(tmp_path / "work", gpu_check.settings(_Tiny()))
+    shards = gpu_check.make_shards(
+        tmp_path / "work", gpu_check.settings(argparse.Namespace(tiny=True))
+    )
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     for name in ("av", "mlflow", "optuna"):
@@ -71,10 +74,6 @@ def test_the_gpu_check_refuses_cuda_without_a_gpu():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "no CUDA device here" in proc.stderr
-
-
-class _Tiny:  # gpu_check.settings' arguments for the dry run
-    tiny = True
 
 
 def test_the_gpu_check_names_shards_it_cannot_use(tmp_path):

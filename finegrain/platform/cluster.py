@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from finegrain.platform.config import ExperimentConfig
+from finegrain.platform.paths import script_name  # not tracking: Ray starts without MLflow
 
 TRIAL_CPUS = 0.25  # a Tune trial's actor only waits for its TorchTrainer
 
@@ -65,10 +66,7 @@ def _init(address: str | None, num_cpus: int | None, log_to_driver: bool) -> Non
     import ray
 
     hook = "finegrain.platform.logs.setup_worker"  # run in every worker this job starts
-    # the script of this job, for the MLflow runs its trials open (their process is Ray's);
-    # from paths, not tracking: starting Ray needs no MLflow (bench/gpu_check.py has none)
-    from finegrain.platform.paths import script_name
-
+    # the script of this job, for the MLflow runs its trials open (their process is Ray's)
     source = script_name(sys.argv[0] if sys.argv else "")
     env_vars = {"FINEGRAIN_SOURCE": source}
     for key, value in DATA_REQUEST_EXPIRY.items():  # a user's own setting wins
